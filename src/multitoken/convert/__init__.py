@@ -1,0 +1,1 @@
+"""Conversions between our Meta-format models and other formats."""

@@ -1,0 +1,298 @@
+"""The multi-token prediction Transformer (Gloeckle et al. 2024) in Meta's Llama layout.
+
+`n_layers` counts every block. With n = n_future_tokens, `layers` holds n_layers - n + 1 blocks and
+`extra_heads` holds n - 1: the trunk is `layers[:-1]`, the prediction heads are
+`[layers[-1]] + extra_heads`, every head reads the same trunk output, and all heads share one final
+`norm` and one `output` projection. Head i predicts token t + 1 + i.
+
+The model knows nothing of training, parallelism or sampling. It runs in two modes:
+- cache-free (after construction): causal attention over the given tokens, for training;
+- cached (after `setup_caches`): every block, extra heads included, keeps keys/values indexed by
+  absolute position, and `start_pos` says where the given tokens go.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    # The released fields and defaults: a released params.json loads unchanged.
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = -1  # -1: taken from the tokenizer / the weights
+    multiple_of: int = 256  # SwiGLU hidden size rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    n_future_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            problems.append(f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+        if not 1 <= self.n_future_tokens <= self.n_layers:
+            problems.append(
+                f"n_future_tokens={self.n_future_tokens} must be between 1 and n_layers={self.n_layers}"
+            )
+        if problems:
+            raise ValueError("invalid model arguments: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> ModelArgs:
+        """Build from a params.json dict; keys this model does not know are reported, not guessed at."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"params.json has fields this model does not support: {unknown}. "
+                f"Supported fields: {sorted(known)}"
+            )
+        return cls(**{**params, **overrides})
+
+    def to_params(self) -> dict[str, Any]:
+        """The params.json dict: runtime sizes (max_seq_len, max_batch_size) are not part of a checkpoint."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("max_batch_size", "max_seq_len")
+        }
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 so bf16/fp16 models match the reference numerics.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """(max_seq_len, head_dim // 2, 2) table of cos/sin, float32, Meta's frequencies theta^(-2i/hd)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (dims 2i, 2i+1) of x (batch, seq, heads, head_dim), Meta's convention;
+    `rope` is the (seq, head_dim // 2, 2) slice of the table for x's positions."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one block by absolute position, laid out (batch, kv_heads, seq, head_dim)
+    so attention reads a prefix without copying."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, _, seqlen, _ = k.shape
+        end = start_pos + seqlen
+        self.k[:bsz, :, start_pos:end] = k
+        self.v[:bsz, :, start_pos:end] = v
+        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+        mask = None
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+            if seqlen > 1 and start_pos > 0:
+                # Query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i.
+                mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=x.device)
+                mask = mask.tril(diagonal=start_pos)
+        if self.n_kv_heads != self.n_heads:
+            # Grouped-query attention: each kv head serves n_heads // n_kv_heads query heads.
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError(
+                "vocab_size must be set (params.json may say -1: resolve it from the tokenizer first)"
+            )
+        self.args = args
+        n = args.n_future_tokens
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers - n + 1))
+        self.extra_heads = nn.ModuleList(TransformerBlock(args) for _ in range(n - 1))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope", self._rope_table(args.max_seq_len, None), persistent=False)
+
+    def _rope_table(self, max_seq_len: int, device) -> torch.Tensor:
+        return precompute_rope(self.args.head_dim, max_seq_len, self.args.rope_theta, device)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the rotary table; keep it float32 whatever the weights' dtype.
+        super()._apply(fn, recurse)
+        self.rope = self._rope_table(self.rope.shape[0], self.rope.device)
+        return self
+
+    @property
+    def n_future_tokens(self) -> int:
+        return self.args.n_future_tokens
+
+    @property
+    def heads(self) -> list[TransformerBlock]:
+        """Prediction heads in order: head i predicts token t + 1 + i."""
+        return [self.layers[-1], *self.extra_heads]
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate a KV cache in every block (extra heads included) on the model's device and dtype."""
+        weight = self.tok_embeddings.weight
+        self.args.max_batch_size, self.args.max_seq_len = max_batch_size, max_seq_len
+        self.rope = self._rope_table(max_seq_len, weight.device)
+        for block in [*self.layers, *self.extra_heads]:
+            block.attention.cache = KVCache(
+                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
+            )
+
+    def free_caches(self) -> None:
+        for block in [*self.layers, *self.extra_heads]:
+            block.attention.cache = None
+
+    @property
+    def has_caches(self) -> bool:
+        return self.layers[0].attention.cache is not None
+
+    def _check_positions(self, tokens: torch.Tensor, start_pos: int) -> None:
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.rope.shape[0]:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.rope.shape[0]}"
+            )
+        if self.has_caches and bsz > self.args.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.args.max_batch_size}")
+
+    def forward_trunk(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Embeddings and trunk blocks: the hidden state every head reads, (batch, seq, dim)."""
+        self._check_positions(tokens, start_pos)
+        h = self.tok_embeddings(tokens)
+        rope = self.rope[start_pos : start_pos + tokens.shape[1]]
+        for layer in self.layers[:-1]:
+            h = layer(h, rope, start_pos)
+        return h
+
+    def forward_head(self, i: int, h_trunk: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Head i's block on the trunk output, before the shared norm and output projection."""
+        rope = self.rope[start_pos : start_pos + h_trunk.shape[1]]
+        return self.heads[i](h_trunk, rope, start_pos)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Shared final norm and unembedding, float32 logits."""
+        return self.output(self.norm(h)).float()
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, return_all_heads: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, n_heads_used, vocab) in float32; n_heads_used is 1 unless return_all_heads.
+
+        Without return_all_heads the extra heads do not run, so their KV caches are not filled:
+        self-speculative decoding runs every forward with return_all_heads=True.
+        """
+        h_trunk = self.forward_trunk(tokens, start_pos)
+        n_used = self.n_future_tokens if return_all_heads else 1
+        return torch.stack([self.logits(self.forward_head(i, h_trunk, start_pos)) for i in range(n_used)], dim=2)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Scaled normal init for training from scratch (GPT-2 style): residual projections get
+        std / sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                p.normal_(0.0, residual_std)
+            else:
+                p.normal_(0.0, std)

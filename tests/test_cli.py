@@ -1,0 +1,81 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from multitoken.checkpoint import load_model
+from multitoken.cli import main
+from multitoken.generation import Llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_init_writes_a_trainable_checkpoint(tmp_path, capsys):
+    main(["init", "--dim", "64", "--n-layers", "4", "--n-heads", "4", "--n-kv-heads", "2", "--vocab-size", "100",
+          "--n-future-tokens", "2", "--multiple-of", "32", "--out", str(tmp_path / "m")])
+    assert "n_future_tokens=2" in capsys.readouterr().out
+    model = load_model(tmp_path / "m")
+    assert len(model.layers) == 3 and len(model.extra_heads) == 1
+    wo, wq = model.layers[0].attention.wo.weight, model.layers[0].attention.wq.weight
+    assert 0.015 < wq.std() < 0.025  # scaled normal, not nn.Linear's uniform default
+    assert wo.std() < wq.std() / 2  # residual projections scaled by 1/sqrt(2 n_layers)
+
+
+def test_init_rejects_bad_shapes(tmp_path):
+    with pytest.raises(SystemExit, match="n_future_tokens=5"):
+        main(["init", "--dim", "64", "--n-layers", "4", "--n-heads", "4", "--vocab-size", "100",
+              "--n-future-tokens", "5", "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_generate_streams_the_same_text_as_the_api(tiny_ckpt, capsys):
+    main(["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-gen-len", "12",
+          "--max-seq-len", "64", "def main():"])
+    out = capsys.readouterr().out
+    llama = Llama.build(tiny_ckpt, tiny_ckpt / "tokenizer.model", max_seq_len=64, max_batch_size=1)
+    expected = llama.text_completion(["def main():"], temperature=0, max_gen_len=12)[0]["generation"]
+    assert out == "def main():" + expected + "\n"
+
+
+def test_generate_errors_are_messages_not_tracebacks(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="no prompt given"):
+        main(["generate", "--ckpt-dir", str(tiny_ckpt)])
+    with pytest.raises(SystemExit, match="temperature must be >= 0"):
+        main(["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "-1", "x"])
+    with pytest.raises(SystemExit, match="checkpoint folder not found"):
+        main(["generate", "--ckpt-dir", str(tmp_path / "nope"), "--tokenizer-path", str(tiny_ckpt / "tokenizer.model"), "x"])
+
+
+def test_tokenizer_train_command(tmp_path, capsys):
+    from conftest import stdlib_sources
+    from multitoken.tokenizer import load_tokenizer
+
+    main(["tokenizer", "train", "--input", *map(str, stdlib_sources(100_000)), "--vocab-size", "600",
+          "--out", str(tmp_path / "tok")])
+    assert load_tokenizer(tmp_path / "tok.model").n_words == 600
+
+
+def _quickstart_env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_quickstart_runs_with_plain_python(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "example_completion.py"), "--ckpt_dir", f"{tiny_ckpt}/",
+           "--tokenizer_path", str(tiny_ckpt / "tokenizer.model"), "--max_seq_len", "128", "--max_batch_size", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_quickstart_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("==================================") == 2
+    assert "def fibonacci(n):" in result.stdout
+
+
+def test_quickstart_runs_under_torchrun_as_the_model_card_says(tiny_ckpt):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "1", str(ROOT / "example_completion.py"), "--ckpt_dir", f"{tiny_ckpt}/",
+           "--tokenizer_path", str(tiny_ckpt / "tokenizer.model"), "--max_seq_len", "128", "--max_batch_size", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_quickstart_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("==================================") == 2

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from conftest import random_model, tiny_args
+from multitoken.convert.hf import head_to_hf_state_dict, hf_llama_config
+from multitoken.model import ModelArgs, Transformer
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_every_head_matches_transformers_llama(n_kv_heads):
+    transformers = pytest.importorskip("transformers")
+    args = tiny_args(n_kv_heads=n_kv_heads)
+    model = random_model(args).eval()
+    tokens = torch.randint(0, args.vocab_size, (2, 33))
+    with torch.no_grad():
+        ours = model(tokens, return_all_heads=True)
+    assert ours.shape == (2, 33, args.n_future_tokens, args.vocab_size) and ours.dtype == torch.float32
+    for head in range(args.n_future_tokens):
+        hf = transformers.LlamaForCausalLM(hf_llama_config(args)).eval()
+        hf.load_state_dict(head_to_hf_state_dict(model.state_dict(), args, head), strict=True)
+        with torch.no_grad():
+            theirs = hf(tokens).logits
+        torch.testing.assert_close(ours[:, :, head], theirs, atol=1e-4, rtol=0)
+
+
+def test_heads_are_distinct_and_default_returns_next_token_head_only():
+    model = random_model()
+    tokens = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        all_heads = model(tokens, return_all_heads=True)
+        head0 = model(tokens)
+    assert head0.shape == (1, 10, 1, 300)
+    torch.testing.assert_close(head0[:, :, 0], all_heads[:, :, 0], atol=0, rtol=0)
+    assert not torch.allclose(all_heads[:, :, 0], all_heads[:, :, 1])
+
+
+def test_block_layout_follows_the_release():
+    args = ModelArgs(dim=64, n_layers=8, n_heads=4, vocab_size=50, n_future_tokens=4)
+    model = Transformer(args)
+    assert len(model.layers) == 5 and len(model.extra_heads) == 3
+    assert model.heads[0] is model.layers[-1]
+    keys = set(model.state_dict())
+    assert "layers.4.attention.wq.weight" in keys and "extra_heads.2.feed_forward.w2.weight" in keys
+    assert "layers.5.attention.wq.weight" not in keys
+    # Same parameter count as the n=1 baseline with the same n_layers.
+    baseline = Transformer(ModelArgs(dim=64, n_layers=8, n_heads=4, vocab_size=50, n_future_tokens=1))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in baseline.parameters())
+
+
+def test_ffn_width_rounding_matches_llama_7b():
+    assert ModelArgs(dim=4096, multiple_of=256).ffn_hidden_dim == 11008
+
+
+@pytest.mark.parametrize("chunks", [[1] * 24, [5, 1, 7, 11], [24]])
+def test_kv_cache_decoding_equals_full_forward_for_all_heads(chunks):
+    model = random_model(dtype=torch.float64).eval()
+    tokens = torch.randint(0, 300, (3, sum(chunks)))
+    with torch.no_grad():
+        full = model(tokens, return_all_heads=True)
+        model.setup_caches(max_batch_size=3, max_seq_len=64)
+        pieces, pos = [], 0
+        for n in chunks:
+            pieces.append(model(tokens[:, pos : pos + n], start_pos=pos, return_all_heads=True))
+            pos += n
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_caches_take_the_model_dtype_and_rope_stays_float32():
+    model = random_model().to(torch.bfloat16)
+    model.setup_caches(2, 16)
+    cache = model.extra_heads[0].attention.cache
+    assert cache.k.dtype == torch.bfloat16 and cache.k.shape == (2, 2, 16, 16)
+    assert model.rope.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_is_close_to_float32(dtype):
+    model = random_model(std=0.02)
+    tokens = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        ref = model(tokens, return_all_heads=True)
+        low = model.to(dtype)(tokens, return_all_heads=True)
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_training_forward_backward_has_gradients_everywhere():
+    model = random_model()
+    tokens = torch.randint(0, 300, (2, 9))
+    model(tokens, return_all_heads=True).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_positions_past_max_seq_len_and_batches_past_cache_are_rejected():
+    model = random_model()
+    model.setup_caches(max_batch_size=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_batch_size=1"):
+        model(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_invalid_model_args_are_explained():
+    with pytest.raises(ValueError, match="n_future_tokens=9"):
+        ModelArgs(n_layers=4, n_future_tokens=9)
+    with pytest.raises(ValueError, match="n_heads=6 is not divisible by n_kv_heads=4"):
+        ModelArgs(dim=48, n_heads=6, n_kv_heads=4)
+    with pytest.raises(ValueError, match="vocab_size"):
+        Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2))
