@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 @dataclass
 class ModelArgs:
     # The released fields and defaults: a released params.json loads unchanged.
@@ -162,12 +165,16 @@ class Attention(nn.Module):
                 # Query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i.
                 mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=x.device)
                 mask = mask.tril(diagonal=start_pos)
+        gqa = {}
         if self.n_kv_heads != self.n_heads:
             # Grouped-query attention: each kv head serves n_heads // n_kv_heads query heads.
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1)
+            if _SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}  # no copy of the cache
+            else:
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        is_causal = mask is None and seqlen > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

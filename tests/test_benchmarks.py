@@ -1,0 +1,15 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_decode_runs_and_both_sides_generate_the_same_tokens(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--ckpt-dir", str(tiny_ckpt),
+           "--batch-sizes", "1", "2", "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(r[-1] == "100.0%" for r in rows), result.stdout
