@@ -79,3 +79,16 @@ def test_quickstart_runs_under_torchrun_as_the_model_card_says(tiny_ckpt):
     result = subprocess.run(cmd, capture_output=True, text=True, env=_quickstart_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("==================================") == 2
+
+
+def test_generate_speculative_prints_the_same_text_and_its_statistics(tiny_ckpt, capsys):
+    args = ["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-gen-len", "12",
+            "--max-seq-len", "64", "def main():"]
+    main(args)
+    plain = capsys.readouterr().out
+    main([*args, "--speculative", "--draft-heads", "2"])
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "tokens per forward" in captured.err and "acceptance by draft position [" in captured.err
+    with pytest.raises(SystemExit, match="draft_heads must be between 1 and 2"):
+        main([*args, "--speculative", "--draft-heads", "3"])

@@ -107,3 +107,44 @@ def test_invalid_model_args_are_explained():
         ModelArgs(dim=48, n_heads=6, n_kv_heads=4)
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2))
+
+
+def test_per_row_positions_match_each_row_decoded_alone():
+    """Rows at different offsets in one forward (as batched speculation does) equal separate runs."""
+    model = random_model(dtype=torch.float64).eval()
+    seqs = [torch.randint(0, 300, (1, n)) for n in (9, 4, 13)]
+    with torch.no_grad():
+        alone = []
+        for s in seqs:
+            model.setup_caches(1, 32)
+            model(s[:, :-3], 0, return_all_heads=True)
+            alone.append(model(s[:, -3:], s.shape[1] - 3, return_all_heads=True))
+        model.setup_caches(3, 32)
+        for cache in (b.attention.cache for b in [*model.layers, *model.extra_heads]):
+            cache.k.fill_(1e4), cache.v.fill_(1e4)  # any stale entry that is attended would show
+        prefix = torch.zeros(3, 10, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            prefix[b, : s.shape[1] - 3] = s[0, :-3]  # right-padded: padding lands past each row's end
+        model(prefix, 0, return_all_heads=True)
+        start = torch.tensor([s.shape[1] - 3 for s in seqs])
+        together = model(torch.cat([s[:, -3:] for s in seqs]), start, return_all_heads=True)
+    for b in range(3):
+        torch.testing.assert_close(together[b : b + 1], alone[b], atol=1e-10, rtol=0)
+
+
+def test_query_index_computes_one_token_per_row_and_still_caches_all():
+    model = random_model(dtype=torch.float64).eval()
+    tokens = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        model.setup_caches(2, 32)
+        full = model(tokens, 0, return_all_heads=True)
+        model.setup_caches(2, 32)
+        pos = model.positions(torch.tensor([0, 0]), 2, 8)
+        h = model.forward_trunk(tokens[:, :8], pos)
+        index = torch.tensor([7, 3])
+        picked = [model.logits(model.forward_head(i, h, pos, query_index=index)) for i in range(3)]
+        # The head's cache holds keys for every token, so continuing from position 8 matches too.
+        rest = model(tokens[:, 8:], torch.tensor([8, 8]), return_all_heads=True)
+    for i in range(3):
+        torch.testing.assert_close(picked[i][:, 0], full[[0, 1], [7, 3], i], atol=1e-10, rtol=0)
+    torch.testing.assert_close(rest, full[:, 8:], atol=1e-10, rtol=0)

@@ -22,6 +22,8 @@ def generate(
     max_seq_len: int = 2048,
     device: str | None = None,
     dtype: str | None = None,
+    speculative: bool = False,
+    draft_heads: int | None = None,
 ) -> None:
     """Complete each prompt, streaming the text as it is produced."""
     from multitoken.generation import Llama
@@ -47,10 +49,14 @@ def generate(
             n += 1
             print(stream.push(token), end="", flush=True)
 
-        llama.generate([prompt_tokens], max_gen_len, temperature=temperature, top_p=top_p, on_token=on_token)
+        llama.generate([prompt_tokens], max_gen_len, temperature=temperature, top_p=top_p, on_token=on_token,
+                       speculative=speculative, draft_heads=draft_heads)
         print(stream.flush(), flush=True)
         elapsed = time.perf_counter() - start
-        print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+        report = f"{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s"
+        if speculative:
+            report += f"; {llama.last_stats.summary()}"
+        print(f"[{report}]", file=sys.stderr)
 
 
 def init(
@@ -92,6 +98,91 @@ def tokenizer_train(inputs: list[Path], vocab_size: int, out: Path) -> None:
     print(f"wrote {path}")
 
 
+def train(
+    out: Path,
+    tokenizer_path: Path | None = None,
+    data: list[Path] | None = None,
+    glob: str = "*.py",
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    cache_dir: Path | None = None,
+    config: Path | None = None,
+    dim: int | None = None,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    n_future_tokens: int | None = None,
+    multiple_of: int | None = None,
+    init_from: Path | None = None,
+    add_heads: int = 0,
+    freeze_trunk: bool = False,
+    steps: int = 1000,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    grad_accum: int = 1,
+    lr: float = 3e-4,
+    warmup: int = 100,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    head_weights: list[float] | None = None,
+    loss_chunk: int | None = None,
+    all_logits: bool = False,
+    bf16: bool = False,
+    compile: bool = False,
+    save_every: int = 100,
+    keep: int = 2,
+    eval_every: int = 100,
+    eval_batches: int = 8,
+    max_bad_steps: int = 5,
+    resume: bool = False,
+    seed: int = 0,
+    no_progress: bool = False,
+) -> None:
+    """Train a multi-token prediction model (from scratch, from a checkpoint, or its heads only)."""
+    from multitoken.train.trainer import NonFiniteError, TrainConfig, run
+
+    shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+             "n_future_tokens": n_future_tokens, "multiple_of": multiple_of}
+    if init_from is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None] + (["--config"] if config else [])
+        if given:
+            raise SystemExit(f"error: --from takes the model's shape from the checkpoint: drop {' '.join(given)}")
+        tokenizer_path = tokenizer_path or _find_tokenizer(init_from)
+    else:
+        if config is None:  # a small default model that trains on a CPU
+            defaults = {"dim": 256, "n_layers": 8, "n_heads": 8, "n_future_tokens": 2}
+            shape = {k: defaults.get(k) if v is None else v for k, v in shape.items()}
+        shape["config"] = config
+    if freeze_trunk and init_from is None:
+        raise SystemExit("error: --freeze-trunk trains the heads of an existing model: pass --from CKPT")
+    if tokenizer_path is None:
+        raise SystemExit("error: pass --tokenizer-path FILE (a SentencePiece .model, or 'byte' for bytes)")
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--seq-len", seq_len),
+                        ("--grad-accum", grad_accum), ("--save-every", save_every), ("--eval-every", eval_every)):
+        if value < 1:
+            raise SystemExit(f"error: {name} must be at least 1, got {value}")
+    cfg = TrainConfig(out=out, steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
+                      warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, head_weights=head_weights,
+                      loss_chunk=loss_chunk, per_head_backward=not all_logits, freeze_trunk=freeze_trunk, bf16=bf16,
+                      compile=compile, save_every=save_every, keep=keep, eval_every=eval_every,
+                      eval_batches=eval_batches, seed=seed, max_bad_steps=max_bad_steps, progress=not no_progress,
+                      extra={"head_weights": head_weights})
+    try:
+        run(cfg, tokenizer_path=tokenizer_path, data_paths=data, glob=glob, text_field=text_field,
+            val_fraction=val_fraction, cache_dir=cache_dir, shape=shape, init_from=init_from, add_heads_k=add_heads,
+            resume=resume)
+    except NonFiniteError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"done: checkpoints in {out}, metrics in {out / 'metrics.jsonl'}")
+
+
+def plot(run_dir: Path, out: Path | None = None) -> None:
+    """Plot loss and top-1 accuracy per head of a training run (RUN/metrics.jsonl) to a PNG."""
+    from multitoken.train.plot import plot_metrics
+
+    print(f"wrote {plot_metrics(run_dir, out)}")
+
+
 def _read_prompts(path: Path) -> list[str]:
     """One prompt per line; a literal \\n inside a line stands for a newline, so code prompts fit."""
     if not path.is_file():
@@ -126,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length: prompt + generation")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding: the extra heads draft, the next-token head verifies (same output)")
+    p.add_argument("--draft-heads", type=int, help="extra heads that draft, 1 .. n_future_tokens-1 (default: all)")
     p.set_defaults(func=generate)
 
     p = sub.add_parser("init", help=init.__doc__, description=init.__doc__)
@@ -151,6 +245,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True, help="number of pieces")
     p.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     p.set_defaults(func=tokenizer_train)
+
+    p = sub.add_parser("train", help=train.__doc__, description=train.__doc__)
+    p.add_argument("--out", type=Path, required=True, help="run folder: metrics.jsonl and step-NNNNNN checkpoints")
+    p.add_argument("--tokenizer-path", type=Path, help="SentencePiece .model or 'byte' (default with --from: the checkpoint's)")
+    p.add_argument("--data", type=Path, nargs="+", help="files, folders (searched recursively) or .jsonl files "
+                   "(default: this Python's standard library sources)")
+    p.add_argument("--glob", default="*.py", help="file pattern inside --data folders")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl lines")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument("--cache-dir", type=Path, help="where tokenised data is cached (default: ~/.cache/multitoken/tokens)")
+    p.add_argument("--config", type=Path, help="params.json giving the model shape (flags override it)")
+    p.add_argument("--dim", type=int, help="model width (default 256 without --config)")
+    p.add_argument("--n-layers", type=int, help="blocks, prediction heads included (default 8)")
+    p.add_argument("--n-heads", type=int, help="attention heads (default 8)")
+    p.add_argument("--n-kv-heads", type=int, help="key/value heads (default: n-heads)")
+    p.add_argument("--n-future-tokens", type=int, help="prediction heads (default 2)")
+    p.add_argument("--multiple-of", type=int, help="round the feed-forward width up to this (default 256)")
+    p.add_argument("--from", dest="init_from", type=Path, help="start from this checkpoint folder")
+    p.add_argument("--add-heads", type=int, default=0, help="with --from: add K heads, copies of the next-token head")
+    p.add_argument("--freeze-trunk", action="store_true", help="with --from: train the head blocks only")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run counts on)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (cosine decay to 0.03x)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the weight matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    p.add_argument("--head-weights", type=float, nargs="+", help="loss weight per head (default: all 1)")
+    p.add_argument("--loss-chunk", type=int, help="positions per cross-entropy chunk: caps float32 logits memory")
+    p.add_argument("--all-logits", action="store_true", help="plain backward with every head's logits alive (for comparison)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights and optimizer)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept (at least 2)")
+    p.add_argument("--eval-every", type=int, default=100, help="validation every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("plot", help=plot.__doc__, description=plot.__doc__)
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="a training run's --out folder")
+    p.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png)")
+    p.set_defaults(func=plot)
     return parser
 
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from multitoken.checkpoint import load_model, read_params
 from multitoken.model import Transformer
 from multitoken.sampling import check_sampling_args, sample
+from multitoken.speculative import SpeculativeStats
+from multitoken.speculative import generate as speculative_generate
 from multitoken.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -78,6 +80,7 @@ class Llama:
             raise ValueError("the model needs KV caches for generation: call model.setup_caches(batch, seq_len)")
         self.model = model
         self.tokenizer = tokenizer
+        self.last_stats: SpeculativeStats | None = None  # of the last speculative generate call
 
     @torch.inference_mode()
     def generate(
@@ -89,15 +92,28 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         on_token: Callable[[int, int], None] | None = None,
+        speculative: bool = False,
+        draft_heads: int | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Complete a batch of token lists of any lengths; each row stops at its EOS or after
         max_gen_len tokens or at max_seq_len. `on_token(row, token)` sees each generated token as it
-        is produced (EOS excluded), for streaming."""
+        is produced (EOS excluded), for streaming.
+
+        With `speculative=True` the extra heads draft (`draft_heads` of them, default all) and the
+        next-token head verifies: the same output (greedy) or output distribution (sampling) as
+        plain decoding, in fewer forwards; `self.last_stats` then holds the acceptance statistics.
+        """
         args = self.model.args
         self._check_prompts(prompt_tokens, args.max_batch_size, args.max_seq_len)
         check_sampling_args(temperature, top_p)
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        if speculative:
+            tokens, lps, self.last_stats = speculative_generate(
+                self.model, prompt_tokens, max_gen_len, self.tokenizer.eos_id, temperature=temperature, top_p=top_p,
+                draft_heads=draft_heads, logprobs=logprobs, echo=echo, on_token=on_token,
+            )
+            return tokens, lps
         bsz = len(prompt_tokens)
         prompt_lens = [len(t) for t in prompt_tokens]
         min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
@@ -160,6 +176,8 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         echo: bool = False,
+        speculative: bool = False,
+        draft_heads: int | None = None,
     ) -> list[CompletionPrediction]:
         if max_gen_len is None:
             max_gen_len = self.model.args.max_seq_len - 1
@@ -167,7 +185,8 @@ class Llama:
             raise TypeError("prompts must be a list of strings, not a single string")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
+            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo,
+            speculative=speculative, draft_heads=draft_heads,
         )
         if logprobs:
             return [

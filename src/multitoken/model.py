@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,12 +112,30 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None) 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (dims 2i, 2i+1) of x (batch, seq, heads, head_dim), Meta's convention;
-    `rope` is the (seq, head_dim // 2, 2) slice of the table for x's positions."""
+    `rope` holds the table rows of x's positions: (seq, head_dim // 2, 2), or (batch, seq, ...) when
+    rows sit at different positions."""
     xf = x.float().unflatten(-1, (-1, 2))
-    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
+    cos, sin = rope[..., 0].unsqueeze(-2), rope[..., 1].unsqueeze(-2)
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+class Positions(NamedTuple):
+    """Where a forward's tokens sit: `start` is an int (every row at the same offset) or a (batch,)
+    tensor (each row at its own offset, as in batched speculative decoding); `rope` holds the rotary
+    rows of every token; `mask` (or None for plain causal) says which cached keys each query sees."""
+
+    start: int | torch.Tensor
+    rope: torch.Tensor
+    mask: torch.Tensor | None
+
+    def select(self, index: torch.Tensor) -> Positions:
+        """The positions of one token per row, token `index[b]` of row b."""
+        rows = torch.arange(index.shape[0], device=index.device)
+        rope = self.rope[rows, index].unsqueeze(1) if self.rope.dim() == 4 else self.rope[index].unsqueeze(1)
+        mask = self.mask[rows, :, index].unsqueeze(2) if self.mask is not None else None
+        return Positions(self.start, rope, mask)
 
 
 class KVCache(nn.Module):
@@ -130,11 +148,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos: Positions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, kv_heads, seq, head_dim) at their positions; return every key/value the
+        queries may need, positions 0 .. end (masked per row where rows differ)."""
         bsz, _, seqlen, _ = k.shape
-        end = start_pos + seqlen
-        self.k[:bsz, :, start_pos:end] = k
-        self.v[:bsz, :, start_pos:end] = v
+        if isinstance(pos.start, int):
+            end = pos.start + seqlen
+            self.k[:bsz, :, pos.start : end] = k
+            self.v[:bsz, :, pos.start : end] = v
+        else:
+            end = pos.mask.shape[-1]
+            at = pos.start[:, None] + torch.arange(seqlen, device=k.device)  # (batch, seq)
+            rows = torch.arange(bsz, device=k.device)[:, None]
+            self.k[rows, :, at] = k.transpose(1, 2)
+            self.v[rows, :, at] = v.transpose(1, 2)
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
 
@@ -150,21 +177,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output for every token, or, given `query_index` (batch,), for token
+        query_index[b] of each row alone: keys and values are still computed and cached for all."""
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-        mask = None
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), pos.rope).transpose(1, 2)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-            if seqlen > 1 and start_pos > 0:
-                # Query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i.
-                mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=x.device)
-                mask = mask.tril(diagonal=start_pos)
+            k, v = self.cache.update(pos, k, v)
+        if query_index is not None:
+            x = x[torch.arange(bsz, device=x.device), query_index].unsqueeze(1)
+            pos = pos.select(query_index)
+        n_q = x.shape[1]
+        q = apply_rope(self.wq(x).view(bsz, n_q, self.n_heads, self.head_dim), pos.rope).transpose(1, 2)
+
         gqa = {}
         if self.n_kv_heads != self.n_heads:
             # Grouped-query attention: each kv head serves n_heads // n_kv_heads query heads.
@@ -173,9 +199,9 @@ class Attention(nn.Module):
             else:
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        is_causal = mask is None and seqlen > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        is_causal = pos.mask is None and n_q > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask, is_causal=is_causal, **gqa)
+        return self.wo(out.transpose(1, 2).reshape(bsz, n_q, -1))
 
 
 class FeedForward(nn.Module):
@@ -197,8 +223,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+    def forward(self, x: torch.Tensor, pos: Positions, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.attention(self.attention_norm(x), pos, query_index)
+        if query_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), query_index].unsqueeze(1)
+        h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -254,42 +283,71 @@ class Transformer(nn.Module):
     def has_caches(self) -> bool:
         return self.layers[0].attention.cache is not None
 
-    def _check_positions(self, tokens: torch.Tensor, start_pos: int) -> None:
-        bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.rope.shape[0]:
-            raise ValueError(
-                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.rope.shape[0]}"
-            )
+    def positions(self, start_pos: int | torch.Tensor, bsz: int, seqlen: int) -> Positions:
+        """Rotary rows and attention mask for `seqlen` tokens per row from `start_pos` on, an int or a
+        (batch,) tensor of per-row offsets (which needs the KV caches)."""
         if self.has_caches and bsz > self.args.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.args.max_batch_size}")
+        if isinstance(start_pos, int):
+            end = start_pos + seqlen
+            self._check_end(end)
+            mask = None
+            if self.has_caches and seqlen > 1 and start_pos > 0:
+                # Query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i.
+                mask = torch.ones(seqlen, end, dtype=torch.bool, device=self.rope.device).tril(start_pos)
+            return Positions(start_pos, self.rope[start_pos:end], mask)
+        if not self.has_caches:
+            raise ValueError("per-row positions need KV caches: call setup_caches first")
+        at = start_pos[:, None] + torch.arange(seqlen, device=start_pos.device)  # (batch, seq)
+        end = int(at.max()) + 1
+        self._check_end(end)
+        # Each row's queries see its own keys up to their position: stale entries past it never count.
+        mask = torch.arange(end, device=at.device) <= at[..., None]
+        return Positions(start_pos, self.rope[at], mask.unsqueeze(1))
 
-    def forward_trunk(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def _check_end(self, end: int) -> None:
+        if end > self.rope.shape[0]:
+            raise ValueError(f"position {end - 1} is past max_seq_len={self.rope.shape[0]}")
+
+    def _as_positions(self, start_pos: int | torch.Tensor | Positions, x: torch.Tensor) -> Positions:
+        return start_pos if isinstance(start_pos, Positions) else self.positions(start_pos, x.shape[0], x.shape[1])
+
+    def forward_trunk(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | Positions = 0) -> torch.Tensor:
         """Embeddings and trunk blocks: the hidden state every head reads, (batch, seq, dim)."""
-        self._check_positions(tokens, start_pos)
+        pos = self._as_positions(start_pos, tokens)
         h = self.tok_embeddings(tokens)
-        rope = self.rope[start_pos : start_pos + tokens.shape[1]]
         for layer in self.layers[:-1]:
-            h = layer(h, rope, start_pos)
+            h = layer(h, pos)
         return h
 
-    def forward_head(self, i: int, h_trunk: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Head i's block on the trunk output, before the shared norm and output projection."""
-        rope = self.rope[start_pos : start_pos + h_trunk.shape[1]]
-        return self.heads[i](h_trunk, rope, start_pos)
+    def forward_head(
+        self,
+        i: int,
+        h_trunk: torch.Tensor,
+        start_pos: int | torch.Tensor | Positions = 0,
+        query_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Head i's block on the trunk output, before the shared norm and output projection. With
+        `query_index` (batch,), only token query_index[b] of each row gets an output, (batch, 1, dim);
+        the head's keys and values are still cached for every token."""
+        return self.heads[i](h_trunk, self._as_positions(start_pos, h_trunk), query_index)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Shared final norm and unembedding, float32 logits."""
         return self.output(self.norm(h)).float()
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, return_all_heads: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, return_all_heads: bool = False
+    ) -> torch.Tensor:
         """Logits (batch, seq, n_heads_used, vocab) in float32; n_heads_used is 1 unless return_all_heads.
 
         Without return_all_heads the extra heads do not run, so their KV caches are not filled:
         self-speculative decoding runs every forward with return_all_heads=True.
         """
-        h_trunk = self.forward_trunk(tokens, start_pos)
+        pos = self.positions(start_pos, *tokens.shape)
+        h_trunk = self.forward_trunk(tokens, pos)
         n_used = self.n_future_tokens if return_all_heads else 1
-        return torch.stack([self.logits(self.forward_head(i, h_trunk, start_pos)) for i in range(n_used)], dim=2)
+        return torch.stack([self.logits(self.forward_head(i, h_trunk, pos)) for i in range(n_used)], dim=2)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

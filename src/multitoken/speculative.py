@@ -1,0 +1,214 @@
+"""Self-speculative decoding: the extra heads draft, the next-token head verifies.
+
+One forward per step feeds [last token, d_1 .. d_k] through the trunk and the next-token head, keeps
+the longest prefix of drafts that head agrees with plus one token of its own, and then runs the
+extra heads at that last accepted position alone to draft the next step (their keys and values are
+cached for every fed token, so their caches stay complete). Lossless: greedy output equals plain
+greedy decoding token for token; at temperature > 0 drafts pass speculative rejection sampling
+(Leviathan et al. 2023), so the output follows the plain sampling distribution exactly.
+
+Each row of a batch sits at its own position and accepts its own number of drafts; per-row
+attention masks hide the stale cache entries that rejected drafts leave behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from multitoken.model import Transformer
+from multitoken.sampling import probs_from_logits
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts of one speculative `generate` call, summed over the rows of the batch."""
+
+    forwards: int = 0  # row-forwards: each active row in each forward, prefill included
+    tokens: int = 0  # tokens returned (EOS and anything past a row's end excluded)
+    proposed: list[int] = field(default_factory=list)  # per draft position: drafts verified
+    accepted: list[int] = field(default_factory=list)  # per draft position: drafts accepted
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """tau, as the paper counts it: accepted drafts plus the next-token head's own token."""
+        return self.tokens / max(self.forwards, 1)
+
+    @property
+    def acceptance(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    def summary(self) -> str:
+        rates = ", ".join(f"{r:.0%}" for r in self.acceptance)
+        return f"tokens per forward {self.tokens_per_forward:.2f}, acceptance by draft position [{rates}]"
+
+
+def check_draft_heads(model: Transformer, draft_heads: int | None) -> int:
+    n = model.n_future_tokens
+    if n < 2:
+        raise ValueError(
+            "self-speculative decoding needs extra prediction heads, but this model has n_future_tokens=1: "
+            "decode without speculation, or add heads (multitoken train --add-heads K)"
+        )
+    if draft_heads is None:
+        return n - 1
+    if not 1 <= draft_heads <= n - 1:
+        raise ValueError(f"draft_heads must be between 1 and {n - 1} (n_future_tokens - 1), got {draft_heads}")
+    return draft_heads
+
+
+def accept_drafts(p_draft: torch.Tensor, q_draft: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Speculative rejection sampling's test: draft x passes with probability min(1, p(x) / q(x)).
+    Arguments are p and q at the drafted tokens and uniform draws, all (batch, k)."""
+    return u * q_draft < p_draft
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(0, p - q)): what a rejected draft's position samples from, so that the token
+    there follows p exactly. Where p == q nothing is ever rejected; fall back to p."""
+    r = (p - q).clamp_min(0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp_min(1e-30), p)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompt_tokens: Sequence[Sequence[int]],
+    max_gen_len: int,
+    eos_id: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    draft_heads: int | None = None,
+    logprobs: bool = False,
+    echo: bool = False,
+    on_token: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[int]], list[list[float]] | None, SpeculativeStats]:
+    """Self-speculative `generate` with the semantics of `Llama.generate` (prompts already checked)."""
+    k = check_draft_heads(model, draft_heads)
+    greedy = temperature == 0
+    device = model.tok_embeddings.weight.device
+    max_seq_len = model.args.max_seq_len
+    bsz = len(prompt_tokens)
+    lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
+    max_new = [min(max_gen_len, max_seq_len - len(t)) for t in prompt_tokens]
+    stats = SpeculativeStats(proposed=[0] * k, accepted=[0] * k)
+    rows = torch.arange(bsz, device=device)
+
+    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (and, when sampling, the distribution they were drawn from) for (batch, vocab) logits."""
+        if greedy:
+            return logits.argmax(-1), None
+        probs = probs_from_logits(logits, temperature, top_p)
+        return torch.multinomial(probs, 1).squeeze(-1), probs
+
+    def draft(h: torch.Tensor, pos, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts (batch, k) from the extra heads at token `index` of each row, and their distributions."""
+        picks = [pick(model.logits(model.forward_head(j, h, pos, index))[:, 0]) for j in range(1, k + 1)]
+        tokens = torch.stack([t for t, _ in picks], dim=1)
+        return tokens, (None if greedy else torch.stack([q for _, q in picks], dim=1))
+
+    # Prefill, right-padded: padding sits past each row's end, where later steps overwrite it before
+    # any query can see it. Every head runs, so every head's cache holds the prompt.
+    padded = torch.zeros(bsz, int(lens.max()), dtype=torch.long, device=device)
+    for i, t in enumerate(prompt_tokens):
+        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+    pos = model.positions(torch.zeros(bsz, dtype=torch.long, device=device), *padded.shape)
+    h = model.forward_trunk(padded, pos)
+    last = lens - 1
+    prompt_logprobs = None
+    if logprobs:
+        all_logits = model.logits(model.forward_head(0, h, pos))
+        prompt_logprobs = torch.log_softmax(all_logits[:, :-1], -1).gather(-1, padded[:, 1:, None])[..., 0].tolist()
+        logits0 = all_logits[rows, last]
+    else:
+        logits0 = model.logits(model.forward_head(0, h, pos, last))[:, 0]
+    x0, _ = pick(logits0)
+    drafts, q = draft(h, pos, last)
+
+    out: list[list[int]] = [[] for _ in range(bsz)]
+    out_lp: list[list[float]] = [[] for _ in range(bsz)]
+    done = [m <= 0 for m in max_new]
+
+    def emit(b: int, tokens: list[int], lps: list[float]) -> None:
+        """Append a row's new tokens, stopping at EOS (excluded) and at the row's length limit."""
+        for t, lp in zip(tokens, lps):
+            if t == eos_id:
+                done[b] = True
+                return
+            out[b].append(t)
+            out_lp[b].append(lp)
+            stats.tokens += 1
+            if on_token is not None:
+                on_token(b, t)
+            if len(out[b]) >= max_new[b]:
+                done[b] = True
+                return
+
+    first_lp = torch.log_softmax(logits0, -1).gather(-1, x0[:, None])[:, 0].tolist() if logprobs else [0.0] * bsz
+    x0_list = x0.tolist()
+    for b in range(bsz):
+        if not done[b]:
+            stats.forwards += 1
+            emit(b, [x0_list[b]], [first_lp[b]])
+
+    cur = lens.clone()  # position of each row's last produced token x0, not yet fed
+    while not all(done):
+        active = torch.tensor([not d for d in done], device=device)
+        # A step writes positions cur .. cur + k; near the end of the cache, draft fewer.
+        k_step = min(k, max_seq_len - 1 - int(cur[active].max()))
+        # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
+        start = torch.where(active, cur, torch.zeros_like(cur))
+        inp = torch.cat([x0[:, None], drafts[:, :k_step]], dim=1)
+        inp = torch.where(active[:, None], inp, torch.zeros_like(inp))
+        pos = model.positions(start, bsz, k_step + 1)
+        h = model.forward_trunk(inp, pos)
+        logits0 = model.logits(model.forward_head(0, h, pos))  # (batch, k_step + 1, vocab)
+
+        if greedy:
+            target = logits0.argmax(-1)
+            ok = target[:, :k_step] == drafts[:, :k_step]
+            n_acc = ok.long().cumprod(1).sum(1)
+            nxt = target[rows, n_acc]
+        else:
+            p = probs_from_logits(logits0, temperature, top_p)
+            d = drafts[:, :k_step, None]
+            ok = accept_drafts(p[:, :k_step].gather(-1, d)[..., 0], q[:, :k_step].gather(-1, d)[..., 0],
+                               torch.rand(bsz, k_step, device=device))
+            n_acc = ok.long().cumprod(1).sum(1)
+            # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
+            q_pad = torch.cat([q[:, :k_step], torch.zeros_like(p[:, :1])], dim=1)
+            dist = torch.where((n_acc < k_step)[:, None], _residual(p[rows, n_acc], q_pad[rows, n_acc]), p[rows, n_acc])
+            nxt = torch.multinomial(dist, 1)[:, 0]
+
+        step_tokens = torch.cat([drafts[:, :k_step], torch.zeros_like(nxt[:, None])], dim=1)
+        step_tokens[rows, n_acc] = nxt
+        step_lp = (torch.log_softmax(logits0, -1).gather(-1, step_tokens[..., None])[..., 0].tolist()
+                   if logprobs else None)
+        tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
+        for b in range(bsz):
+            if not active_list[b]:
+                continue
+            stats.forwards += 1
+            for j in range(k_step):
+                stats.proposed[j] += 1
+                stats.accepted[j] += j < n_acc_list[b]
+            n = n_acc_list[b] + 1
+            emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
+
+        cur = cur + n_acc + 1
+        x0 = nxt
+        if not all(done):
+            drafts, q = draft(h, pos, n_acc)
+
+    result = []
+    result_lp = [] if logprobs else None
+    for b, prompt in enumerate(prompt_tokens):
+        result.append((list(prompt) if echo else []) + out[b])
+        if logprobs:
+            head = ([0.0] + prompt_logprobs[b][: len(prompt) - 1]) if echo else []
+            result_lp.append(head + out_lp[b])
+    return result, result_lp, stats

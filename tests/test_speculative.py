@@ -1,0 +1,161 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_model, tiny_args
+from multitoken import speculative
+from multitoken.generation import Llama
+from test_generation import IdTokenizer
+
+PROMPTS = [[1, 5], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 9, 9], [1, 250, 1, 2, 3, 17, 4]]
+
+
+def _llama(n_future=4, max_seq_len=64, max_batch_size=4, seed=0, vocab=300, dtype=torch.float64, std=0.1) -> Llama:
+    args = tiny_args(n_layers=6, n_future_tokens=n_future, vocab_size=vocab)
+    model = random_model(args, seed=seed, dtype=dtype, std=std).eval()
+    model.setup_caches(max_batch_size, max_seq_len)
+    return Llama(model, IdTokenizer(eos_id=vocab - 1, n_words=vocab))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_equals_plain_decoding_for_every_draft_count(k):
+    llama = _llama()
+    plain = [llama.generate([p], 20, temperature=0)[0][0] for p in PROMPTS]
+    spec, _ = llama.generate(PROMPTS, 20, temperature=0, speculative=True, draft_heads=k)
+    assert spec == plain
+    alone = [llama.generate([p], 20, temperature=0, speculative=True, draft_heads=k)[0][0] for p in PROMPTS]
+    assert alone == plain
+
+
+def test_eos_and_max_gen_len_are_respected_exactly():
+    llama = _llama()
+    plain = llama.generate(PROMPTS, 20, temperature=0)[0]
+    llama.tokenizer.eos_id = plain[1][6]  # a token the second row produces mid-way
+    expected = llama.generate(PROMPTS, 20, temperature=0)[0]
+    assert any(len(r) < 20 for r in expected)
+    seen = []
+    got = llama.generate(PROMPTS, 20, temperature=0, speculative=True, on_token=lambda r, t: seen.append((r, t)))[0]
+    assert got == expected
+    assert [[t for r, t in seen if r == b] for b in range(4)] == expected
+    for n in (0, 1, 2, 5):
+        assert llama.generate(PROMPTS, n, temperature=0, speculative=True)[0] == llama.generate(PROMPTS, n, temperature=0)[0]
+
+
+def test_end_of_cache_shrinks_the_drafts_and_stops_at_max_seq_len():
+    llama = _llama(max_seq_len=16)
+    prompts = [[1, 2, 3], list(range(1, 15)), list(range(1, 17))]
+    expected = llama.generate(prompts, 50, temperature=0)[0]
+    assert [len(r) for r in expected] == [13, 2, 0]
+    assert llama.generate(prompts, 50, temperature=0, speculative=True)[0] == expected
+
+
+def test_stale_and_unwritten_cache_entries_are_never_attended():
+    llama = _llama()
+    expected = llama.generate(PROMPTS, 24, temperature=0)[0]
+    for block in [*llama.model.layers, *llama.model.extra_heads]:
+        block.attention.cache.k.fill_(1e4)
+        block.attention.cache.v.fill_(1e4)
+    assert llama.generate(PROMPTS, 24, temperature=0, speculative=True)[0] == expected
+
+
+def test_logprobs_and_echo_match_plain_decoding():
+    llama = _llama()
+    t1, lp1 = llama.generate(PROMPTS, 10, temperature=0, logprobs=True, echo=True)
+    t2, lp2 = llama.generate(PROMPTS, 10, temperature=0, logprobs=True, echo=True, speculative=True)
+    assert t1 == t2
+    for a, b in zip(lp1, lp2):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_stats_count_forwards_tokens_and_acceptance():
+    llama = _llama()
+    out, _ = llama.generate(PROMPTS, 12, temperature=0, speculative=True)
+    s = llama.last_stats
+    assert s.tokens == sum(map(len, out)) == 48
+    assert len(s.proposed) == 3 and s.proposed[0] >= s.proposed[2]
+    assert all(a <= p for a, p in zip(s.accepted, s.proposed))
+    assert s.tokens_per_forward == pytest.approx(48 / s.forwards)
+    assert "tokens per forward" in s.summary()
+
+
+def test_clear_errors_for_models_without_heads_and_bad_draft_counts():
+    llama = _llama()
+    with pytest.raises(ValueError, match="draft_heads must be between 1 and 3"):
+        llama.generate([[1]], 4, speculative=True, draft_heads=4)
+    with pytest.raises(ValueError, match="draft_heads must be between 1 and 3"):
+        llama.generate([[1]], 4, speculative=True, draft_heads=0)
+    with pytest.raises(ValueError, match="n_future_tokens=1"):
+        _llama(n_future=1).generate([[1]], 4, speculative=True)
+
+
+def _train_on_a_cycle(n_future=4, period=11, steps=150, seed=0) -> tuple[Llama, list[int]]:
+    """A tiny n=4 model trained for a few seconds on a repeating sequence: every head can be right."""
+    torch.manual_seed(seed)
+    vocab = 32
+    cycle = torch.randperm(vocab - 2)[:period] + 1
+    data = cycle.repeat(40)
+    args = tiny_args(n_layers=5, n_future_tokens=n_future, vocab_size=vocab, max_seq_len=128)
+    model = random_model(args, seed=seed, std=0.02)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        batch = torch.stack([data[s : s + 33] for s in starts])
+        logits = model(batch[:, :-1], return_all_heads=True)
+        loss = sum(
+            F.cross_entropy(logits[:, : 32 - i, i].reshape(-1, vocab), batch[:, 1 + i :].reshape(-1))
+            for i in range(n_future)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().setup_caches(4, 128)
+    return Llama(model, IdTokenizer(eos_id=vocab - 1, n_words=vocab)), cycle.tolist()
+
+
+def test_trained_heads_are_used_tau_at_least_3_5():
+    llama, cycle = _train_on_a_cycle()
+    prompt = [cycle[i % len(cycle)] for i in range(3, 17)]
+    plain = llama.generate([prompt], 80, temperature=0)[0]
+    spec = llama.generate([prompt], 80, temperature=0, speculative=True)[0]
+    assert spec == plain
+    assert plain[0] == [cycle[(17 + i) % len(cycle)] for i in range(80)]  # it learnt the cycle
+    assert llama.last_stats.tokens_per_forward >= 3.5, llama.last_stats.summary()
+
+
+def _joint_counts(llama: Llama, speculative_on: bool, n_batches: int, bsz: int, seed: int, n: int = 3) -> torch.Tensor:
+    """Counts of each sequence of the first n sampled tokens (a draft and its verification both matter)."""
+    torch.manual_seed(seed)
+    vocab = llama.model.args.vocab_size
+    counts = torch.zeros(vocab**n)
+    for _ in range(n_batches):
+        out, _ = llama.generate([[1, 2, 3]] * bsz, n, temperature=1.0, top_p=0.95, speculative=speculative_on)
+        idx = torch.tensor([sum(t * vocab**i for i, t in enumerate(r)) for r in out])
+        counts += torch.bincount(idx, minlength=vocab**n)
+    return counts
+
+
+def _homogeneity_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Chi-square test that two count vectors come from one distribution (sparse cells pooled)."""
+    a, b = a.double(), b.double()
+    keep = (a + b) >= 10
+    a = torch.cat([a[keep], a[~keep].sum()[None]])
+    b = torch.cat([b[keep], b[~keep].sum()[None]])
+    table = torch.stack([a, b])
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    nonzero = expected[0] > 0
+    chi2 = ((table[:, nonzero] - expected[:, nonzero]) ** 2 / expected[:, nonzero]).sum()
+    df = int(nonzero.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), chi2 / 2))
+
+
+def test_sampling_is_lossless_and_the_test_catches_a_wrong_acceptance_rule(monkeypatch):
+    llama = _llama(n_future=3, vocab=8, max_batch_size=500, seed=3, std=0.3, dtype=torch.float32)
+    llama.tokenizer.eos_id = -1  # every sample has two tokens
+    plain = _joint_counts(llama, False, 8, 500, seed=1)
+    spec = _joint_counts(llama, True, 8, 500, seed=2)
+    assert _homogeneity_p_value(plain, spec) > 1e-3
+    assert llama.last_stats.accepted[0] > 0  # drafts were accepted, so acceptance was exercised
+
+    monkeypatch.setattr(speculative, "accept_drafts", lambda p, q, u: torch.ones_like(p, dtype=torch.bool))
+    wrong = _joint_counts(llama, True, 8, 500, seed=2)
+    assert _homogeneity_p_value(plain, wrong) < 1e-6
