@@ -122,9 +122,10 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class Positions(NamedTuple):
-    """Where a forward's tokens sit: `start` is an int (every row at the same offset) or a (batch,)
-    tensor (each row at its own offset, as in batched speculative decoding); `rope` holds the rotary
-    rows of every token; `mask` (or None for plain causal) says which cached keys each query sees."""
+    """Where a forward's tokens sit: `start` is an int (every row at the same offset) or a (batch, seq)
+    tensor of each token's absolute position (rows at their own offsets, as in batched speculative
+    decoding); `rope` holds the rotary rows of every token; `mask` (or None for plain causal) says
+    which cached keys each query sees."""
 
     start: int | torch.Tensor
     rope: torch.Tensor
@@ -158,10 +159,9 @@ class KVCache(nn.Module):
             self.v[:bsz, :, pos.start : end] = v
         else:
             end = pos.mask.shape[-1]
-            at = pos.start[:, None] + torch.arange(seqlen, device=k.device)  # (batch, seq)
             rows = torch.arange(bsz, device=k.device)[:, None]
-            self.k[rows, :, at] = k.transpose(1, 2)
-            self.v[rows, :, at] = v.transpose(1, 2)
+            self.k[rows, :, pos.start] = k.transpose(1, 2)
+            self.v[rows, :, pos.start] = v.transpose(1, 2)
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
 
@@ -303,7 +303,7 @@ class Transformer(nn.Module):
         self._check_end(end)
         # Each row's queries see its own keys up to their position: stale entries past it never count.
         mask = torch.arange(end, device=at.device) <= at[..., None]
-        return Positions(start_pos, self.rope[at], mask.unsqueeze(1))
+        return Positions(at, self.rope[at], mask.unsqueeze(1))
 
     def _check_end(self, end: int) -> None:
         if end > self.rope.shape[0]:

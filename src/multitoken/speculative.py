@@ -107,9 +107,12 @@ def generate(
 
     def draft(h: torch.Tensor, pos, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts (batch, k) from the extra heads at token `index` of each row, and their distributions."""
-        picks = [pick(model.logits(model.forward_head(j, h, pos, index))[:, 0]) for j in range(1, k + 1)]
-        tokens = torch.stack([t for t, _ in picks], dim=1)
-        return tokens, (None if greedy else torch.stack([q for _, q in picks], dim=1))
+        heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
+        logits = model.logits(heads_out)  # one pass over the unembedding for all k heads
+        if greedy:
+            return logits.argmax(-1), None
+        probs = probs_from_logits(logits, temperature, top_p)
+        return torch.multinomial(probs.flatten(0, 1), 1).view(bsz, k), probs
 
     # Prefill, right-padded: padding sits past each row's end, where later steps overwrite it before
     # any query can see it. Every head runs, so every head's cache holds the prompt.
