@@ -168,12 +168,13 @@ def train(
                       eval_batches=eval_batches, seed=seed, max_bad_steps=max_bad_steps, progress=not no_progress,
                       extra={"head_weights": head_weights})
     try:
-        run(cfg, tokenizer_path=tokenizer_path, data_paths=data, glob=glob, text_field=text_field,
+        trainer = run(cfg, tokenizer_path=tokenizer_path, data_paths=data, glob=glob, text_field=text_field,
             val_fraction=val_fraction, cache_dir=cache_dir, shape=shape, init_from=init_from, add_heads_k=add_heads,
             resume=resume)
     except NonFiniteError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"done: checkpoints in {out}, metrics in {out / 'metrics.jsonl'}")
+    if trainer.rank == 0:
+        print(f"done: checkpoints in {out}, metrics in {out / 'metrics.jsonl'}")
 
 
 def plot(run_dir: Path, out: Path | None = None) -> None:
@@ -181,6 +182,49 @@ def plot(run_dir: Path, out: Path | None = None) -> None:
     from multitoken.train.plot import plot_metrics
 
     print(f"wrote {plot_metrics(run_dir, out)}")
+
+
+def eval_humaneval(
+    out: Path,
+    ckpt_dir: Path | None = None,
+    samples: Path | None = None,
+    tokenizer_path: Path | None = None,
+    n_samples: int = 1,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    speculative: bool = False,
+    limit: int | None = None,
+    max_gen_len: int = 512,
+    batch_size: int = 8,
+    timeout: float = 10.0,
+    workers: int | None = None,
+    seed: int = 1,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """HumanEval pass@k: generate completions with a checkpoint (--ckpt-dir) or take them from a samples
+    file (--samples), run each against the problem's tests in a sandbox, append results to --out."""
+    from multitoken.eval.humaneval import run_humaneval
+
+    run_humaneval(out, ckpt_dir=ckpt_dir, samples=samples, tokenizer_path=tokenizer_path, n_samples=n_samples,
+                  temperature=temperature, top_p=top_p, speculative=speculative, limit=limit,
+                  max_gen_len=max_gen_len, batch_size=batch_size, timeout=timeout, workers=workers, seed=seed,
+                  device=device, dtype=dtype, find_tokenizer=_find_tokenizer)
+
+
+def convert(out: Path, from_hf: Path | None = None, from_gguf: Path | None = None, to_hf: Path | None = None) -> None:
+    """Convert a model: a Hugging Face Llama folder or a GGUF file to our format, or ours to Hugging Face."""
+    try:
+        if from_hf is not None:
+            from multitoken.convert.hf import from_hf as run
+        elif from_gguf is not None:
+            from multitoken.convert.gguf import from_gguf as run
+        else:
+            from multitoken.convert.hf import to_hf as run
+        run(from_hf or from_gguf or to_hf, out)
+    except ImportError as e:  # an optional dependency: say which extra installs it
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out}")
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -292,6 +336,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN", help="a training run's --out folder")
     p.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png)")
     p.set_defaults(func=plot)
+
+    p = sub.add_parser("eval", help="evaluation benchmarks")
+    # dest=SUPPRESS: the group's name never reaches the subcommand function's arguments.
+    esub = p.add_subparsers(dest=argparse.SUPPRESS, metavar="{humaneval}", required=True)
+    p = esub.add_parser("humaneval", help=eval_humaneval.__doc__, description=eval_humaneval.__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt-dir", type=Path, help="checkpoint folder: generate the completions with this model")
+    src.add_argument("--samples", type=Path, help="JSONL of {task_id, completion} produced elsewhere: evaluate it")
+    p.add_argument("--out", type=Path, required=True,
+                   help="results JSONL (appended; a rerun skips the samples it already holds)")
+    p.add_argument("--tokenizer-path", type=Path, help="tokenizer.model (default: in the checkpoint folder or its parent)")
+    p.add_argument("--n-samples", type=int, default=1, help="completions per problem (pass@k needs n >= k)")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--speculative", action="store_true", help="generate with self-speculative decoding")
+    p.add_argument("--limit", type=int, help="evaluate only the first M problems")
+    p.add_argument("--max-gen-len", type=int, default=512, help="most tokens to generate per completion")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds each program may run")
+    p.add_argument("--workers", type=int, help="programs run in parallel (default: number of CPUs)")
+    p.add_argument("--seed", type=int, default=1, help="random seed for sampling")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.set_defaults(func=eval_humaneval)
+    p = sub.add_parser("convert", help=convert.__doc__, description=convert.__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", type=Path, metavar="DIR",
+                     help="Hugging Face Llama folder (config.json + *.safetensors) to convert to our format")
+    src.add_argument("--from-gguf", type=Path, metavar="FILE", help="GGUF Llama model to convert to our format")
+    src.add_argument("--to-hf", type=Path, metavar="CKPT",
+                     help="our checkpoint folder to write as a LlamaForCausalLM folder (extra heads beside it)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.set_defaults(func=convert)
     return parser
 
 

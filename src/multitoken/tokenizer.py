@@ -1,9 +1,9 @@
-"""Tokenizers: SentencePiece (Llama 2 / our code models) and raw UTF-8 bytes.
+"""Tokenizers: SentencePiece (Llama 2 / our code models), Hugging Face `tokenizer.json`, raw UTF-8 bytes.
 
 All backends share one small interface so model, generation and training code
 never care which one they got:
 
-    tok = load_tokenizer("tokenizer.model")   # or "byte"
+    tok = load_tokenizer("tokenizer.model")   # or "tokenizer.json", a folder holding either, "byte"
     ids = tok.encode("def f():", bos=True, eos=False)
     tok.decode(ids)
 """
@@ -11,6 +11,7 @@ never care which one they got:
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import tempfile
@@ -106,18 +107,78 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library), e.g. Llama 3 or SmolLM2.
+
+    BOS/EOS/pad come from `tokenizer_config.json` beside the file (else `special_tokens_map.json`);
+    a token the tokenizer lacks is -1, and encode() then has nothing to add. The file's own
+    post-processor is not applied: BOS/EOS are added only when asked, as with SentencePiece.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError as e:
+            raise ImportError("a tokenizer.json needs the `tokenizers` package: pip install 'multitoken[hf]'") from e
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.json not found: {path}")
+        try:
+            self.tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {e}") from None
+        self.path = path
+        self.n_words: int = self.tok.get_vocab_size(with_added_tokens=True)
+        special = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+            if (path.parent / name).is_file():
+                special.update(json.loads((path.parent / name).read_text("utf-8")))
+        self.bos_id: int = self._token_id(special.get("bos_token"))
+        self.eos_id: int = self._token_id(special.get("eos_token"))
+        self.pad_id: int = self._token_id(special.get("pad_token"))
+
+    def _token_id(self, token: str | dict | None) -> int:
+        if isinstance(token, dict):  # older configs: {"content": "<s>", "lstrip": false, ...}
+            token = token.get("content")
+        token_id = self.tok.token_to_id(token) if isinstance(token, str) else None
+        return -1 if token_id is None else token_id
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        assert isinstance(s, str), f"expected str, got {type(s).__name__}"
+        ids: list[int] = self.tok.encode(s, add_special_tokens=False).ids
+        if bos and self.bos_id >= 0:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id >= 0:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Special tokens (BOS, EOS, chat markers) are dropped, as SentencePiece drops control pieces.
+        return self.tok.decode(_check_ids(ids, self.n_words), skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r}, n_words={self.n_words})"
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """"byte"/"bytes" -> ByteTokenizer; a `.model` file (or a directory holding
-    `tokenizer.model`, as in Meta's releases) -> SentencePieceTokenizer."""
+    `tokenizer.model`, as in Meta's releases) -> SentencePieceTokenizer; a `.json` file (or a
+    directory holding `tokenizer.json`, as in Hugging Face models) -> HFTokenizer."""
     if str(path).lower() in ("byte", "bytes"):
         return ByteTokenizer()
     p = Path(path)
-    if p.is_dir() and (p / "tokenizer.model").is_file():
-        p = p / "tokenizer.model"
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if p.is_dir() and (p / name).is_file():
+            p = p / name
+            break
+    supported = "'byte' (UTF-8 bytes), a SentencePiece '.model' file or a Hugging Face 'tokenizer.json'"
     if p.suffix == ".model":
         return SentencePieceTokenizer(p)
-    # New backends (e.g. Hugging Face tokenizer.json) go here, before the errors.
-    supported = "'byte' (UTF-8 bytes) or a SentencePiece '.model' file"
+    if p.suffix == ".json" and p.is_file():
+        try:
+            return HFTokenizer(p)
+        except ValueError as e:
+            raise ValueError(f"{e} (expected {supported})") from None
     if not p.exists():
         raise FileNotFoundError(f"tokenizer not found: {p} (expected {supported})")
     raise ValueError(f"unsupported tokenizer {p}: expected {supported}")

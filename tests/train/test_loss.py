@@ -1,0 +1,124 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_model, tiny_args
+from multitoken.train.loss import IGNORE, forward_backward, head_targets
+
+
+def _batch(seed: int, bsz: int = 2, seq: int = 12, extra: int = 1, vocab: int = 300):
+    g = torch.Generator().manual_seed(seed)
+    window = torch.randint(0, vocab, (bsz, seq + extra), generator=g)
+    return window[:, :seq], window[:, 1:]
+
+
+def _reference_loss(model, inputs, labels, weights=None):
+    """The definition, written independently: every head's logits from model.forward, head i at t vs
+    labels[t + i], positions past the end dropped, mean per head, weighted sum."""
+    logits = model(inputs, return_all_heads=True)  # (B, S, n, V)
+    seq, n = inputs.shape[1], model.n_future_tokens
+    total, per_head, acc = 0.0, [], []
+    for i in range(n):
+        m = min(seq, labels.shape[1] - i)
+        lg, tg = logits[:, :m, i], labels[:, i : i + m]
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1))
+        per_head.append(ce)
+        acc.append((lg.argmax(-1) == tg).double().mean().item())
+        total = total + (1.0 if weights is None else weights[i]) * ce
+    return total, per_head, acc
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(a: dict, b: dict, rtol: float = 1e-6, atol: float = 1e-12) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def test_head_targets_shift_and_ignore_past_the_end():
+    labels = torch.arange(10, 16)[None]  # labels of 6 positions
+    assert head_targets(labels, 0, 6).tolist() == [[10, 11, 12, 13, 14, 15]]
+    assert head_targets(labels, 2, 6).tolist() == [[12, 13, 14, 15, IGNORE, IGNORE]]
+
+
+@pytest.mark.parametrize("extra", [1, 3])  # windows of S + 1 (tail ignored) and S + n (none ignored)
+def test_loss_and_accuracy_match_the_definition(extra):
+    model = random_model(tiny_args(), dtype=torch.float64)
+    inputs, labels = _batch(0, extra=extra)
+    loss, stats = forward_backward(model, inputs, labels, backward=False)
+    ref, ref_heads, ref_acc = _reference_loss(model, inputs, labels)
+    assert stats.count.tolist() == [2 * min(12, 12 + extra - 1 - i) for i in range(3)]
+    torch.testing.assert_close(torch.tensor(stats.losses, dtype=torch.float64), torch.stack(ref_heads).detach().double(), rtol=1e-6, atol=0)
+    assert stats.accuracies == pytest.approx(ref_acc)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_per_head_backward_gives_the_plain_gradients_in_float64(chunk):
+    model = random_model(tiny_args(), dtype=torch.float64)
+    inputs, labels = _batch(1)
+    weights = [1.0, 0.5, 0.25]
+    ref, _, _ = _reference_loss(model, inputs, labels, weights)
+    ref.backward()
+    expected = _grads(model)
+    assert len(expected) == len(list(model.parameters()))  # every parameter gets a gradient
+    for per_head in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss, _ = forward_backward(model, inputs, labels, weights=weights, per_head_backward=per_head, chunk=chunk)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+        _assert_same_grads(_grads(model), expected)
+
+
+def test_gradient_accumulation_over_two_micro_batches_matches_the_plain_path():
+    model = random_model(tiny_args(), dtype=torch.float64)
+    batches = [_batch(2), _batch(3)]
+    for inputs, labels in batches:
+        (_reference_loss(model, inputs, labels)[0] / 2).backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    for inputs, labels in batches:
+        forward_backward(model, inputs, labels, loss_scale=0.5, chunk=4)
+    _assert_same_grads(_grads(model), expected)
+
+
+def test_frozen_trunk_trains_only_heads_with_the_same_head_gradients():
+    model = random_model(tiny_args(), dtype=torch.float64)
+    inputs, labels = _batch(4)
+    _reference_loss(model, inputs, labels)[0].backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    head_params = {id(p) for h in model.heads for p in h.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head_params)
+    forward_backward(model, inputs, labels)
+    got = _grads(model)
+    assert got.keys() == {k for k, p in model.named_parameters() if id(p) in head_params}
+    _assert_same_grads(got, {k: expected[k] for k in got})
+
+
+def test_bf16_autocast_runs_and_stays_close_to_float32():
+    model = random_model(tiny_args(), std=0.02)
+    inputs, labels = _batch(5, seq=16)
+    loss32, _ = forward_backward(model, inputs, labels)
+    g32 = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, stats = forward_backward(model, inputs, labels, chunk=8)
+    g16 = _grads(model)
+    assert torch.isfinite(loss16) and all(torch.isfinite(g).all() for g in g16.values())
+    assert all(g.dtype == torch.float32 for g in g16.values())  # master weights and grads stay float32
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.02)
+    flat32, flat16 = torch.cat([g.flatten() for g in g32.values()]), torch.cat([g.flatten() for g in g16.values()])
+    assert F.cosine_similarity(flat32, flat16, dim=0) > 0.98
+
+
+def test_bad_shapes_and_weights_are_value_errors():
+    model = random_model(tiny_args())
+    inputs, labels = _batch(6)
+    with pytest.raises(ValueError, match="3 heads"):
+        forward_backward(model, inputs, labels, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="must cover every input"):
+        forward_backward(model, inputs, labels[:, :5])
