@@ -332,7 +332,7 @@ class Trainer:
             total = HeadStats(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long),
                               torch.zeros(n, dtype=torch.long))
         if self.world > 1:
-            total = _reduce_stats(total, mean=False)
+            total = _reduce_stats(total)
         weights = self.cfg.head_weights or [1.0] * len(total.losses)
         return {"step": self.step, "split": "val", "loss": sum(w * x for w, x in zip(weights, total.losses)),
                 "head_losses": total.losses,
@@ -384,8 +384,8 @@ class Trainer:
         bar.close()
 
 
-def _reduce_stats(s: HeadStats, mean: bool = True) -> HeadStats:
-    """Sum the per-head sums over ranks (mean=True is the same here: counts are summed too)."""
+def _reduce_stats(s: HeadStats) -> HeadStats:
+    """Sum the per-head sums (and counts) over ranks: the global per-head means follow."""
     return HeadStats(dist_utils.all_reduce_sum_(s.loss_sum.clone()), dist_utils.all_reduce_sum_(s.correct.clone()),
                      dist_utils.all_reduce_sum_(s.count.clone()))
 
