@@ -157,6 +157,8 @@ def test_build_rejects_a_tokenizer_of_another_size(tiny_ckpt, tmp_path):
     from multitoken.tokenizer import train_sentencepiece
     from conftest import stdlib_sources
 
-    other = train_sentencepiece(stdlib_sources(100_000), 400, tmp_path / "other")
-    with pytest.raises(ValueError, match="has 400 tokens but the checkpoint's vocab_size is 512"):
+    other = train_sentencepiece(stdlib_sources(300_000), 600, tmp_path / "other")
+    with pytest.raises(ValueError, match="has 600 tokens but the checkpoint's vocab_size is 512"):
         Llama.build(tiny_ckpt, other, max_seq_len=32, max_batch_size=1)
+    smaller = train_sentencepiece(stdlib_sources(100_000), 400, tmp_path / "smaller")
+    assert Llama.build(tiny_ckpt, smaller, max_seq_len=32, max_batch_size=1).model.args.vocab_size == 512

@@ -298,3 +298,58 @@ def test_train_deterministic_across_processes(corpus, model_path, tmp_path):
     args = [sys.executable, "-c", code, str(VOCAB), str(out), *map(str, corpus[0])]
     subprocess.run(args, check=True, env=env, timeout=60)
     assert out.with_suffix(".model").read_bytes() == model_path.read_bytes()
+
+
+# --- Hugging Face tokenizer.json backend ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_tok_dir(corpus, tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer.json (GPT-2/Llama 3 style) trained here, specials named in tokenizer_config."""
+    import json
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(f) for f in corpus[0][:5]], trainer)
+    folder = tmp_path_factory.mktemp("hf_tok")
+    tok.save(str(folder / "tokenizer.json"))
+    # Older configs spell a special token as a dict: both forms must work.
+    config = {"bos_token": "<|bos|>", "eos_token": {"content": "<|eos|>", "lstrip": False}, "pad_token": "<|pad|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_hf_tokenizer_round_trip_and_special_ids(hf_tok_dir):
+    from multitoken.tokenizer import HFTokenizer
+
+    tok = load_tokenizer(hf_tok_dir)  # a folder holding tokenizer.json
+    assert isinstance(tok, HFTokenizer) and isinstance(tok, Tokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (0, 1, 2, 600)
+    for text in SNIPPETS:
+        ids = tok.encode(text, bos=True, eos=True)
+        assert ids[0] == 0 and ids[-1] == 1 and 0 not in ids[1:-1]
+        assert tok.decode(ids) == text  # byte-level: every string round-trips, specials dropped
+    assert tok.encode("x = 1", bos=False, eos=False) == tok.encode("x = 1", bos=True, eos=False)[1:]
+    assert "".join(stream(tok, tok.encode(STREAM_TEXT, bos=True, eos=False))) == STREAM_TEXT
+    with pytest.raises(ValueError, match="token id 600 is out of range"):
+        tok.decode([600])
+
+
+def test_hf_tokenizer_without_config_has_no_specials(hf_tok_dir, tmp_path):
+    (tmp_path / "tok.json").write_bytes((hf_tok_dir / "tokenizer.json").read_bytes())
+    tok = load_tokenizer(tmp_path / "tok.json")  # any .json file name
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (-1, -1, -1)
+    assert tok.encode("hi", bos=True, eos=True) == tok.encode("hi", bos=False, eos=False)  # nothing to add
+
+
+def test_folder_with_both_tokenizers_prefers_sentencepiece(hf_tok_dir, model_path, tmp_path):
+    # Hugging Face Llama 2 folders ship both; tokenizer.model is the original.
+    for src in (hf_tok_dir / "tokenizer.json", model_path):
+        (tmp_path / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model")).write_bytes(src.read_bytes())
+    assert isinstance(load_tokenizer(tmp_path), SentencePieceTokenizer)

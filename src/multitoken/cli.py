@@ -235,10 +235,13 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _find_tokenizer(ckpt_dir: Path) -> Path:
-    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise SystemExit(f"error: no tokenizer.model in {ckpt_dir} or its parent: pass --tokenizer-path FILE")
+    for folder in (ckpt_dir, ckpt_dir.parent):
+        for name in ("tokenizer.model", "tokenizer.json"):  # SentencePiece, or converted from HF/GGUF
+            if (folder / name).is_file():
+                return folder / name
+    raise SystemExit(
+        f"error: no tokenizer.model or tokenizer.json in {ckpt_dir} or its parent: pass --tokenizer-path FILE"
+    )
 
 
 def _optional_float(text: str) -> float | None:
@@ -360,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.set_defaults(func=eval_humaneval)
+
     p = sub.add_parser("convert", help=convert.__doc__, description=convert.__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", type=Path, metavar="DIR",

@@ -64,14 +64,16 @@ class Llama:
         device, dtype = default_device_and_dtype(device, dtype)
         tokenizer = load_tokenizer(tokenizer_path)
         params_vocab = read_params(ckpt_dir).get("vocab_size", -1)
-        if params_vocab not in (-1, tokenizer.n_words):
+        # A larger embedding table than the tokenizer is common (padded vocabularies); a smaller one
+        # would leave token ids without embeddings.
+        if params_vocab != -1 and tokenizer.n_words > params_vocab:
             raise ValueError(
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint's vocab_size is "
                 f"{params_vocab}: use the tokenizer the model was trained with"
             )
         model = load_model(
             ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-            vocab_size=tokenizer.n_words,
+            vocab_size=tokenizer.n_words if params_vocab == -1 else None,
         )
         return Llama(model, tokenizer)
 

@@ -147,3 +147,25 @@ def test_from_hf_missing_files_are_named(tmp_path, capsys):
         from_hf(src, tmp_path / "out")
     with pytest.raises(SystemExit, match="checkpoint folder not found"):
         main(["convert", "--to-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("dummy_prefix", [False, True], ids=["code-style", "llama2-style"])
+def test_to_hf_sentencepiece_tokenizer_encodes_like_ours_in_transformers(tmp_path, dummy_prefix):
+    pytest.importorskip("google.protobuf")  # transformers reads a tokenizer.model through protobuf
+    import sentencepiece as spm
+
+    from conftest import stdlib_sources
+
+    lines = (line for f in stdlib_sources(100_000) for line in f.read_text("utf-8").splitlines() if line)
+    ckpt = save_model(random_model(tiny_args(n_future_tokens=1, vocab_size=400)), tmp_path / "ckpt")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_prefix=str(ckpt / "tokenizer"), model_type="bpe", vocab_size=400,
+        byte_fallback=True, add_dummy_prefix=dummy_prefix, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    hf_dir = to_hf(ckpt, tmp_path / "hf")
+    ours = load_tokenizer(hf_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    # Not text that starts with a space: with a dummy prefix, transformers' Metaspace adds none before
+    # an existing space where SentencePiece does (a transformers difference, docs/interop.md).
+    for text in ["def f(x):\n    return x + 1\n", "hello  world\tagain", "x = {'a': 1}"]:
+        assert theirs(text)["input_ids"] == ours.encode(text, bos=True, eos=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitoken.convert.hf import _save, ffn_params
+from multitoken.convert.hf import ffn_params, save_checked
 from multitoken.model import ModelArgs
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -60,7 +60,7 @@ def can_dequantize(qtype) -> bool:
     """Whether the installed gguf package dequantizes this type (tried on one zero block: the
     package has no public list, and its coverage grows between versions)."""
     gguf = _gguf()
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    _, size = gguf.GGML_QUANT_SIZES[qtype]  # bytes per block
     try:
         gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
     except NotImplementedError:
@@ -158,7 +158,7 @@ def from_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtyp
         state[key] = torch.from_numpy(array).reshape(shape).to(dtype)
     if "output.weight" not in state:  # llama.cpp omits the output projection of tied models
         state["output.weight"] = state["tok_embeddings.weight"].clone()
-    _save(args, state, out, path)
+    save_checked(args, state, out, path)
     del state
     if "tokenizer.ggml.tokens" in reader.fields:
         write_tokenizer(path, out)

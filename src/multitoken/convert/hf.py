@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -232,12 +233,12 @@ def from_hf(src: str | os.PathLike, out: str | os.PathLike) -> Path:
             state.update({k: f.get_tensor(k) for k in f.keys()})
     if "output.weight" not in state and config.get("tie_word_embeddings", False):
         state["output.weight"] = state["tok_embeddings.weight"].clone()
-    _save(args, state, out, src)
+    save_checked(args, state, out, src)
     copy_tokenizer(src, out)
     return out
 
 
-def _save(args: ModelArgs, state: dict[str, torch.Tensor], out: Path, src: Path) -> None:
+def save_checked(args: ModelArgs, state: dict[str, torch.Tensor], out: Path, src: Path) -> None:
     """Check `state` against the model `args` describes (names, shapes), then write it with save_model."""
     with torch.device("meta"):
         model = Transformer(args)
@@ -264,13 +265,26 @@ def copy_tokenizer(src: Path, out: Path) -> list[str]:
     return copied
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file streams to disk (its `save` would hold a second copy in memory as bytes);
+    to a temporary name first, then renamed."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, max_position_embeddings: int = 4096) -> Path:
     """Write our checkpoint as a Hugging Face LlamaForCausalLM folder: the trunk and the next-token head
     in model.safetensors, the extra heads (if any) unchanged in mtp_heads.safetensors.
 
     Our model has no length limit of its own; `max_position_embeddings` only fills the config field."""
-    from safetensors.torch import save
-
     ckpt, out = Path(ckpt), Path(out)
     # max_seq_len=1: no KV cache memory is wasted on a model that only gets written out.
     model = load_model(ckpt, max_seq_len=1, max_batch_size=1)
@@ -278,13 +292,13 @@ def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, max_position_embeddin
     out.mkdir(parents=True, exist_ok=True)
 
     trunk = {k: v.contiguous() for k, v in head_to_hf_state_dict(state, args, head=0).items()}
-    _atomic_write(out / "model.safetensors", lambda f: f.write(save(trunk, metadata={"format": "pt"})))
+    _save_safetensors(trunk, out / "model.safetensors", {"format": "pt"})
     del trunk
     extra = {k: v.contiguous() for k, v in state.items() if k.startswith("extra_heads.")}
     if extra:
         meta = {"format": MTP_FORMAT, "n_future_tokens": str(args.n_future_tokens),
                 "params": json.dumps(args.to_params())}
-        _atomic_write(out / MTP_HEADS_FILE, lambda f: f.write(save(extra, metadata=meta)))
+        _save_safetensors(extra, out / MTP_HEADS_FILE, meta)
 
     config = hf_llama_config(args)
     config.max_position_embeddings = max_position_embeddings
@@ -297,8 +311,11 @@ def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, max_position_embeddin
         config.eos_token_id = tok.eos_id if tok.eos_id >= 0 else None
         config.pad_token_id = tok.pad_id if tok.pad_id >= 0 else None
         if copied == ["tokenizer.model"]:  # SentencePiece only: tell transformers which class reads it
+            # LlamaTokenizer prepends "▁" unless told not to; our code tokenizers have no dummy prefix.
+            dummy_prefix = tok.sp.encode("a", out_type=str)[0].startswith("\u2581")
             tok_config = {"tokenizer_class": "LlamaTokenizer", "bos_token": tok.sp.id_to_piece(tok.bos_id),
-                          "eos_token": tok.sp.id_to_piece(tok.eos_id), "add_bos_token": True, "add_prefix_space": False}
+                          "eos_token": tok.sp.id_to_piece(tok.eos_id), "add_bos_token": True,
+                          "add_prefix_space": dummy_prefix}
             text = json.dumps(tok_config, indent=2) + "\n"
             _atomic_write(out / "tokenizer_config.json", lambda f: f.write(text.encode()))
     text = config.to_json_string()
