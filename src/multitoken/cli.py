@@ -227,6 +227,33 @@ def convert(out: Path, from_hf: Path | None = None, from_gguf: Path | None = Non
     print(f"wrote {out}")
 
 
+def eval_loss(
+    ckpt_dir: Path,
+    data: list[Path],
+    tokenizer_path: Path | None = None,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    glob: str = "*.py",
+    text_field: str = "text",
+    device: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """Per-head loss, perplexity and top-1/top-5 accuracy of a checkpoint on a corpus."""
+    from multitoken.checkpoint import load_model
+    from multitoken.eval.loss import corpus_windows, format_metrics, head_metrics
+    from multitoken.generation import default_device_and_dtype
+    from multitoken.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path or _find_tokenizer(ckpt_dir))
+    dev, dt = default_device_and_dtype(device, dtype)
+    model = load_model(ckpt_dir, device=dev, dtype=dt, max_seq_len=seq_len, max_batch_size=batch_size)
+    model.free_caches()  # whole windows at once: the cache-free causal forward
+    windows = corpus_windows(data, tokenizer, seq_len + model.n_future_tokens, glob=glob, text_field=text_field,
+                             max_windows=max_windows)
+    print(format_metrics(head_metrics(model, windows, batch_size)))
+
+
 def _read_prompts(path: Path) -> list[str]:
     """One prompt per line; a literal \\n inside a line stands for a newline, so code prompts fit."""
     if not path.is_file():
@@ -342,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluation benchmarks")
     # dest=SUPPRESS: the group's name never reaches the subcommand function's arguments.
-    esub = p.add_subparsers(dest=argparse.SUPPRESS, metavar="{humaneval}", required=True)
+    esub = p.add_subparsers(dest=argparse.SUPPRESS, metavar="{humaneval,loss}", required=True)
     p = esub.add_parser("humaneval", help=eval_humaneval.__doc__, description=eval_humaneval.__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt-dir", type=Path, help="checkpoint folder: generate the completions with this model")
@@ -363,6 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.set_defaults(func=eval_humaneval)
+    p = esub.add_parser("loss", help=eval_loss.__doc__, description=eval_loss.__doc__)
+    p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="files, folders (recursive) or .jsonl files")
+    p.add_argument("--tokenizer-path", type=Path, help="default: in the checkpoint folder or its parent")
+    p.add_argument("--seq-len", type=int, default=512, help="positions scored per window")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--max-windows", type=int, help="score only the first N windows")
+    p.add_argument("--glob", default="*.py", help="file pattern inside --data folders")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl lines")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16")
+    p.set_defaults(func=eval_loss)
 
     p = sub.add_parser("convert", help=convert.__doc__, description=convert.__doc__)
     src = p.add_mutually_exclusive_group(required=True)
