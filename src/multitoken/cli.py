@@ -254,6 +254,32 @@ def eval_loss(
     print(format_metrics(head_metrics(model, windows, batch_size)))
 
 
+def bench(
+    ckpt_dir: Path,
+    tokenizer_path: Path | None = None,
+    batch_sizes: tuple[int, ...] = (1, 4, 16),
+    temperatures: tuple[float, ...] = (0.0, 0.8),
+    prompt_len: int = 64,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    draft_heads: int | None = None,
+    png: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """Speed report: plain vs self-speculative decoding (tokens/s, speedup, tau, acceptance), table and chart."""
+    from multitoken.eval.bench import code_prompts, format_report, plot_report, speed_report
+    from multitoken.generation import Llama
+
+    llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir), max_seq_len=prompt_len + new_tokens,
+                        max_batch_size=max(batch_sizes), device=device, dtype=dtype)
+    prompts = code_prompts(llama.tokenizer, max(batch_sizes), prompt_len)
+    rows = speed_report(llama, prompts, batch_sizes, temperatures, new_tokens=new_tokens, repeats=repeats,
+                        draft_heads=draft_heads)
+    print(format_report(rows))
+    print(f"wrote {plot_report(rows, png or ckpt_dir / 'speed.png')}")
+
+
 def _read_prompts(path: Path) -> list[str]:
     """One prompt per line; a literal \\n inside a line stands for a newline, so code prompts fit."""
     if not path.is_file():
@@ -366,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN", help="a training run's --out folder")
     p.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png)")
     p.set_defaults(func=plot)
+
+    p = sub.add_parser("bench", help=bench.__doc__, description=bench.__doc__)
+    p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoint folder (needs extra heads)")
+    p.add_argument("--tokenizer-path", type=Path, help="default: in the checkpoint folder or its parent")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="batch sizes to measure")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8], help="0 is greedy")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (openings of stdlib modules)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median), after one warm-up round")
+    p.add_argument("--draft-heads", type=int, help="extra heads that draft (default: all)")
+    p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16")
+    p.set_defaults(func=bench)
 
     p = sub.add_parser("eval", help="evaluation benchmarks")
     # dest=SUPPRESS: the group's name never reaches the subcommand function's arguments.

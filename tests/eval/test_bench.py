@@ -1,0 +1,16 @@
+from pathlib import Path
+
+from multitoken.cli import main
+
+
+def test_bench_reports_both_modes_with_identical_greedy_output_and_draws_a_chart(tiny_ckpt, tmp_path, capsys):
+    png = tmp_path / "speed.png"
+    main(["bench", "--ckpt-dir", str(tiny_ckpt), "--batch-sizes", "1", "2", "--temperatures", "0", "0.8",
+          "--prompt-len", "16", "--new-tokens", "8", "--repeats", "1", "--png", str(png)])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().replace(".", "").isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("0.0", "1"), ("0.0", "2"), ("0.8", "1"), ("0.8", "2")]
+    assert [r[-1] for r in rows] == ["yes", "yes", "n/a", "n/a"]
+    assert len(rows[0]) == 6 + 2 + 1  # temp batch plain spec speedup tau, 2 acceptance rates, identical
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*tmp*"))
