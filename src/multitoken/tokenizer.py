@@ -43,6 +43,10 @@ def _check_ids(ids: Sequence[int], n_words: int) -> list[int]:
     return out
 
 
+def _add_specials(ids: list[int], tok: Tokenizer, bos: bool, eos: bool) -> list[int]:
+    return [tok.bos_id] * bos + ids + [tok.eos_id] * eos
+
+
 class SentencePieceTokenizer:
     """Wraps a SentencePiece model, e.g. Llama 2's `tokenizer.model` (BOS 1, EOS 2, no pad).
 
@@ -66,12 +70,7 @@ class SentencePieceTokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         assert isinstance(s, str), f"expected str, got {type(s).__name__}"
-        ids: list[int] = self.sp.encode(s)
-        if bos:
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
+        return _add_specials(self.sp.encode(s), self, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         # BOS/EOS are control pieces: SentencePiece drops them when decoding.
@@ -91,12 +90,7 @@ class ByteTokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         assert isinstance(s, str), f"expected str, got {type(s).__name__}"
-        ids = list(s.encode("utf-8"))
-        if bos:
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
+        return _add_specials(list(s.encode("utf-8")), self, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         data = bytes(i for i in _check_ids(ids, self.n_words) if i < 256)
