@@ -148,3 +148,11 @@ def test_query_index_computes_one_token_per_row_and_still_caches_all():
     for i in range(3):
         torch.testing.assert_close(picked[i][:, 0], full[[0, 1], [7, 3], i], atol=1e-10, rtol=0)
     torch.testing.assert_close(rest, full[:, 8:], atol=1e-10, rtol=0)
+
+
+def test_query_index_refuses_a_shared_int_offset():
+    model = random_model()
+    model.setup_caches(1, 16)
+    h = model.forward_trunk(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="query_index needs per-row positions"):
+        model.forward_head(1, h, 0, query_index=torch.tensor([1]))

@@ -133,10 +133,11 @@ class Positions(NamedTuple):
 
     def select(self, index: torch.Tensor) -> Positions:
         """The positions of one token per row, token `index[b]` of row b."""
+        if isinstance(self.start, int):
+            # Without per-row masks a lone query would see the keys after it: refuse rather than leak.
+            raise ValueError("query_index needs per-row positions: pass start_pos as a (batch,) tensor")
         rows = torch.arange(index.shape[0], device=index.device)
-        rope = self.rope[rows, index].unsqueeze(1) if self.rope.dim() == 4 else self.rope[index].unsqueeze(1)
-        mask = self.mask[rows, :, index].unsqueeze(2) if self.mask is not None else None
-        return Positions(self.start, rope, mask)
+        return Positions(self.start, self.rope[rows, index].unsqueeze(1), self.mask[rows, :, index].unsqueeze(2))
 
 
 class KVCache(nn.Module):
