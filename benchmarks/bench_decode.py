@@ -21,11 +21,8 @@ import torch
 
 from multitoken.checkpoint import load_model
 from multitoken.convert.hf import head_to_hf_state_dict, hf_llama_config
+from multitoken.eval.bench import IgnoreEOS
 from multitoken.generation import Llama, parse_dtype
-
-
-class _NoEOS:
-    eos_id = -1  # never produced: every row runs to max_gen_len, as transformers does below
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -66,7 +63,7 @@ def main() -> None:
     max_bs = max(a.batch_sizes)
     max_seq_len = a.prompt_len + a.new_tokens
     model = load_model(a.ckpt_dir, device=a.device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_bs)
-    llama = Llama(model, _NoEOS())
+    llama = Llama(model, IgnoreEOS())  # every row runs to max_gen_len, as transformers does below
 
     hf = transformers.LlamaForCausalLM(hf_llama_config(model.args)).to(dtype)
     hf.load_state_dict(head_to_hf_state_dict(model.state_dict(), model.args, head=0), strict=True)
