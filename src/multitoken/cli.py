@@ -90,11 +90,12 @@ def init(
     print(f"wrote {out} ({n_params / 1e6:.1f}M parameters, n_future_tokens={n_future_tokens})")
 
 
-def tokenizer_train(inputs: list[Path], vocab_size: int, out: Path) -> None:
+def tokenizer_train(vocab_size: int, out: Path, inputs: list[Path] | None = None) -> None:
     """Train a SentencePiece BPE tokenizer for code (byte fallback, digits split, whitespace kept)."""
     from multitoken.tokenizer import train_sentencepiece
+    from multitoken.train.data import default_corpus
 
-    path = train_sentencepiece(inputs, vocab_size, out)
+    path = train_sentencepiece(inputs or default_corpus(), vocab_size, out)
     print(f"wrote {path}")
 
 
@@ -105,6 +106,7 @@ def train(
     glob: str = "*.py",
     text_field: str = "text",
     val_fraction: float = 0.01,
+    val_data: list[Path] | None = None,
     cache_dir: Path | None = None,
     config: Path | None = None,
     dim: int | None = None,
@@ -169,7 +171,8 @@ def train(
                       extra={"head_weights": head_weights})
     try:
         trainer = run(cfg, tokenizer_path=tokenizer_path, data_paths=data, glob=glob, text_field=text_field,
-            val_fraction=val_fraction, cache_dir=cache_dir, shape=shape, init_from=init_from, add_heads_k=add_heads,
+            val_fraction=val_fraction, cache_dir=cache_dir, val_data=val_data, shape=shape, init_from=init_from,
+            add_heads_k=add_heads,
             resume=resume)
     except NonFiniteError as e:
         raise SystemExit(f"error: {e}") from None
@@ -229,7 +232,7 @@ def convert(out: Path, from_hf: Path | None = None, from_gguf: Path | None = Non
 
 def eval_loss(
     ckpt_dir: Path,
-    data: list[Path],
+    data: list[Path] | None = None,
     tokenizer_path: Path | None = None,
     seq_len: int = 512,
     batch_size: int = 8,
@@ -242,6 +245,7 @@ def eval_loss(
     """Per-head loss, perplexity and top-1/top-5 accuracy of a checkpoint on a corpus."""
     from multitoken.checkpoint import load_model
     from multitoken.eval.loss import corpus_windows, format_metrics, head_metrics
+    from multitoken.train.data import held_out_corpus
     from multitoken.generation import default_device_and_dtype
     from multitoken.tokenizer import load_tokenizer
 
@@ -249,7 +253,7 @@ def eval_loss(
     dev, dt = default_device_and_dtype(device, dtype)
     model = load_model(ckpt_dir, device=dev, dtype=dt, max_seq_len=seq_len, max_batch_size=batch_size)
     model.free_caches()  # whole windows at once: the cache-free causal forward
-    windows = corpus_windows(data, tokenizer, seq_len + model.n_future_tokens, glob=glob, text_field=text_field,
+    windows = corpus_windows(data or held_out_corpus(), tokenizer, seq_len + model.n_future_tokens, glob=glob, text_field=text_field,
                              max_windows=max_windows)
     print(format_metrics(head_metrics(model, windows, batch_size)))
 
@@ -341,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     p = tsub.add_parser("train", help=tokenizer_train.__doc__, description=tokenizer_train.__doc__)
-    p.add_argument("--input", dest="inputs", type=Path, nargs="+", required=True, help="text files or folders of *.py")
+    p.add_argument("--input", dest="inputs", type=Path, nargs="+",
+                   help="text files or folders of *.py (default: the standard library, held-out modules excluded)")
     p.add_argument("--vocab-size", type=int, required=True, help="number of pieces")
     p.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     p.set_defaults(func=tokenizer_train)
@@ -353,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: this Python's standard library sources)")
     p.add_argument("--glob", default="*.py", help="file pattern inside --data folders")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl lines")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="fraction of --data documents held out for validation (without --val-data)")
+    p.add_argument("--val-data", type=Path, nargs="+", help="validation files or folders, kept apart from --data "
+                   "(default without --data: the held-out standard library modules)")
     p.add_argument("--cache-dir", type=Path, help="where tokenised data is cached (default: ~/.cache/multitoken/tokens)")
     p.add_argument("--config", type=Path, help="params.json giving the model shape (flags override it)")
     p.add_argument("--dim", type=int, help="model width (default 256 without --config)")
@@ -432,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=eval_humaneval)
     p = esub.add_parser("loss", help=eval_loss.__doc__, description=eval_loss.__doc__)
     p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoint folder")
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="files, folders (recursive) or .jsonl files")
+    p.add_argument("--data", type=Path, nargs="+",
+                   help="files, folders (recursive) or .jsonl files (default: the held-out standard library modules)")
     p.add_argument("--tokenizer-path", type=Path, help="default: in the checkpoint folder or its parent")
     p.add_argument("--seq-len", type=int, default=512, help="positions scored per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")

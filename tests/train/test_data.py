@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from multitoken.tokenizer import ByteTokenizer, load_tokenizer
-from multitoken.train.data import TokenData, default_corpus, load_data, stdlib_root, tokenize_to_cache
+from multitoken.train.data import (HELD_OUT_MODULES, TokenData, default_corpus, held_out_corpus, load_data,
+                                   stdlib_root, tokenize_to_cache)
 
 
 @pytest.fixture
@@ -119,6 +120,21 @@ def test_the_default_corpus_is_the_standard_library_without_tests():
     assert "os.py" in rel and "json/decoder.py" in rel
     assert not any(part in ("test", "tests", "idle_test", "site-packages")
                    for r in rel for part in r.split("/")[:-1])
+    # The held-out modules are the validation set and never training data.
+    held = held_out_corpus()
+    assert [f.stem for f in held] == list(HELD_OUT_MODULES)
+    assert not set(held) & set(files)
+
+
+def test_val_data_is_a_separate_corpus_and_must_not_overlap_the_training_data(corpus, tmp_path):
+    d, jl = corpus
+    tok = ByteTokenizer()
+    data = load_data([d], tok, seq_len=4, cache_dir=tmp_path / "c", progress=False, val_data=[jl])
+    assert data.n_docs == 2 and data.n_val_docs == 2  # every training document kept, both jsonl lines held out
+    val_text = tok.decode([t for t in np.asarray(data.val.tokens).tolist() if t < 256])
+    assert val_text == "héllo worldsecond doc"
+    with pytest.raises(ValueError, match="also training data.*a.py.*keep --val-data apart"):
+        load_data([d], tok, seq_len=4, cache_dir=tmp_path / "c", progress=False, val_data=[d / "a.py"])
 
 
 def test_missing_or_empty_data_give_clear_errors(tmp_path):

@@ -18,10 +18,10 @@ import torch
 
 from multitoken.generation import Llama
 from multitoken.speculative import SpeculativeStats
+from multitoken.train.data import HELD_OUT_MODULES
 
 # Prompts: the openings of standard library modules, code a code model should continue well.
-PROMPT_MODULES = ["fractions", "heapq", "bisect", "textwrap", "statistics", "colorsys", "shlex", "pprint",
-                  "difflib", "calendar", "fnmatch", "glob", "queue", "sched", "graphlib", "zipapp"]
+PROMPT_MODULES = HELD_OUT_MODULES  # never trained on by models trained on the default corpus
 
 
 def code_prompts(tokenizer, n: int, prompt_len: int) -> list[list[int]]:

@@ -5,7 +5,9 @@ else uint32) keyed by a hash of the inputs (paths, sizes, mtimes), the tokenizer
 options, so a second run opens it instantly. Samples are windows of seq_len + 1 tokens; a held-out
 fraction of *documents* is the validation set, and training windows never cross into it.
 
-With no paths the corpus is the running interpreter's standard library sources (no download).
+With no paths the corpus is the running interpreter's standard library sources (no download), and the
+validation set is a fixed list of modules held out of it (`HELD_OUT_MODULES`), so every model trained on
+the default corpus is scored on the same unseen code.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import torch
 
 _FORMAT = 1  # bump when the cache layout or document splitting changes
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+# Standard-library modules never trained on by default: the validation set, and the prompts of
+# `multitoken bench`. Small, self-contained, ordinary code; 2.6% of the corpus.
+HELD_OUT_MODULES = ("fractions", "heapq", "bisect", "textwrap", "statistics", "colorsys", "shlex", "pprint",
+                    "difflib", "calendar", "fnmatch", "glob", "queue", "sched", "graphlib", "zipapp")
 
 
 def stdlib_root() -> Path:
@@ -30,10 +36,18 @@ def stdlib_root() -> Path:
 
 
 def default_corpus() -> list[Path]:
-    """The running Python's standard library sources, test suites and installed packages excluded."""
+    """The running Python's standard library sources; test suites, installed packages and the held-out
+    modules excluded."""
     root = stdlib_root()
+    held_out = set(held_out_corpus())
     return sorted(p for p in root.rglob("*.py")
-                  if p.is_file() and not _EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+                  if p.is_file() and not _EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]) and p not in held_out)
+
+
+def held_out_corpus() -> list[Path]:
+    """The held-out standard library modules (`HELD_OUT_MODULES`), in that order."""
+    root = stdlib_root()
+    return [root / f"{m}.py" for m in HELD_OUT_MODULES if (root / f"{m}.py").is_file()]
 
 
 def find_inputs(paths: Sequence[str | os.PathLike], glob: str = "*.py") -> list[Path]:
@@ -165,12 +179,17 @@ class TokenData:
     validation documents are concatenated (they are few) and tiled the same way.
     """
 
-    def __init__(self, tokens_path: Path, docs_path: Path, seq_len: int, val_fraction: float = 0.01):
+    def __init__(self, tokens_path: Path, docs_path: Path, seq_len: int, val_fraction: float = 0.01,
+                 val_paths: tuple[Path, Path] | None = None):
+        """`val_paths`: (tokens, doc starts) of a separate validation corpus; then every document of
+        the first is trained on and `val_fraction` is unused."""
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         self.tokens = np.load(tokens_path, mmap_mode="r")
         starts = np.load(docs_path)
         n_docs, window = len(starts) - 1, seq_len + 1
+        if val_paths is not None:
+            val_fraction = 0
         n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1) if val_fraction > 0 and n_docs > 1 else 0
         is_val = np.zeros(n_docs, dtype=bool)
         is_val[np.random.default_rng(0).permutation(n_docs)[:n_val]] = True
@@ -185,6 +204,9 @@ class TokenData:
         self.train = Split(self.tokens, np.concatenate(train) if train else np.zeros(0, np.int64), window)
         val_tokens = np.concatenate([self.tokens[starts[d] : starts[d + 1]] for d in np.flatnonzero(is_val)]) \
             if n_val else np.zeros(0, self.tokens.dtype)
+        if val_paths is not None:
+            val_tokens = np.load(val_paths[0], mmap_mode="r")
+            n_val = len(np.load(val_paths[1])) - 1
         self.val = Split(val_tokens, _windows(0, len(val_tokens), window), window)
         self.n_docs, self.n_val_docs = n_docs, n_val
         if len(self.train) == 0:
@@ -220,11 +242,22 @@ class TokenData:
 
 def load_data(paths: Sequence[str | os.PathLike] | None, tokenizer, seq_len: int, *, glob: str = "*.py",
               text_field: str = "text", val_fraction: float = 0.01, cache_dir: Path | None = None,
-              progress: bool = True) -> TokenData:
-    """Find, tokenise (or reuse the cache) and window the data; no paths = the standard library."""
+              progress: bool = True, val_data: Sequence[str | os.PathLike] | None = None) -> TokenData:
+    """Find, tokenise (or reuse the cache) and window the data.
+
+    No paths = the standard library, validated on its held-out modules. `val_data` names a separate
+    validation corpus (files or folders); without it, `val_fraction` of the documents is held out.
+    """
     files = find_inputs(paths, glob) if paths else default_corpus()
     if not files:
         raise ValueError("no training files found")
-    tokens_path, docs_path = tokenize_to_cache(files, tokenizer, cache_dir or default_cache_dir(), text_field,
-                                               progress)
-    return TokenData(tokens_path, docs_path, seq_len, val_fraction)
+    val_files = find_inputs(val_data, glob) if val_data else None if paths else held_out_corpus()
+    if val_files is not None:
+        overlap = set(f.resolve() for f in files) & set(f.resolve() for f in val_files)
+        if overlap:
+            raise ValueError(f"{len(overlap)} validation file(s) are also training data, e.g. {min(overlap)}: "
+                             f"keep --val-data apart from --data")
+    cache_dir = cache_dir or default_cache_dir()
+    tokens_path, docs_path = tokenize_to_cache(files, tokenizer, cache_dir, text_field, progress)
+    val_paths = tokenize_to_cache(val_files, tokenizer, cache_dir, text_field, progress) if val_files else None
+    return TokenData(tokens_path, docs_path, seq_len, val_fraction, val_paths)

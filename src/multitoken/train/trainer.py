@@ -406,7 +406,7 @@ def build_args(shape: dict, vocab_size: int, seq_len: int) -> ModelArgs:
 
 def run(cfg: TrainConfig, *, tokenizer_path: str | Path, data_paths: list[Path] | None = None, glob: str = "*.py",
         text_field: str = "text", val_fraction: float = 0.01, cache_dir: Path | None = None,
-        shape: dict | None = None, init_from: Path | None = None, add_heads_k: int = 0,
+        val_data: list[Path] | None = None, shape: dict | None = None, init_from: Path | None = None, add_heads_k: int = 0,
         resume: bool = False) -> Trainer:
     """Everything `multitoken train` does: model, data, resume, loop. Returns the finished trainer."""
     from multitoken.tokenizer import load_tokenizer
@@ -460,10 +460,12 @@ def run(cfg: TrainConfig, *, tokenizer_path: str | Path, data_paths: list[Path] 
               file=sys.stderr)
 
     data = load_data(data_paths, tokenizer, cfg.seq_len, glob=glob, text_field=text_field,
-                     val_fraction=val_fraction, cache_dir=cache_dir, progress=cfg.progress and rank == 0)
+                     val_fraction=val_fraction, cache_dir=cache_dir, progress=cfg.progress and rank == 0,
+                     val_data=val_data)
     if rank == 0:
-        print(f"data: {len(data.tokens):,} tokens in {data.n_docs} documents ({data.n_val_docs} held out); "
-              f"{len(data.train):,} training windows of {cfg.seq_len + 1}", file=sys.stderr)
+        print(f"data: {len(data.tokens):,} tokens in {data.n_docs} documents; {len(data.train):,} training windows "
+              f"of {cfg.seq_len + 1}; validation: {len(data.val.tokens):,} tokens in {data.n_val_docs} held-out "
+              f"documents", file=sys.stderr)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     trainer = Trainer(model, data, cfg, tokenizer_file=Path(tokenizer_file) if tokenizer_file else None,
