@@ -84,11 +84,42 @@ def test_quickstart_runs_under_torchrun_as_the_model_card_says(tiny_ckpt):
 def test_generate_speculative_prints_the_same_text_and_its_statistics(tiny_ckpt, capsys):
     args = ["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-gen-len", "12",
             "--max-seq-len", "64", "def main():"]
-    main(args)
-    plain = capsys.readouterr().out
-    main([*args, "--speculative", "--draft-heads", "2"])
+    main([*args, "--no-speculative"])
+    captured = capsys.readouterr()
+    plain = captured.out
+    assert "tokens per forward" not in captured.err
+    main(args)  # a model with extra heads decodes self-speculatively by default
     captured = capsys.readouterr()
     assert captured.out == plain
     assert "tokens per forward" in captured.err and "acceptance by draft position [" in captured.err
+    main([*args, "--speculative", "--draft-heads", "2"])
+    assert capsys.readouterr().out == plain
     with pytest.raises(SystemExit, match="draft_heads must be between 1 and 2"):
         main([*args, "--speculative", "--draft-heads", "3"])
+
+
+def test_speculative_on_a_model_without_heads_is_a_clear_error(tmp_path, sp_model_path):
+    import shutil
+
+    from conftest import random_model, tiny_args
+    from multitoken.checkpoint import save_model
+
+    save_model(random_model(tiny_args(vocab_size=512, n_future_tokens=1)), tmp_path / "n1")
+    shutil.copy(sp_model_path, tmp_path / "n1" / "tokenizer.model")
+    args = ["generate", "--ckpt-dir", str(tmp_path / "n1"), "--max-gen-len", "4", "--max-seq-len", "32", "x"]
+    main(args)  # no heads: plain decoding by default
+    with pytest.raises(SystemExit, match="--speculative needs extra prediction heads.*n_future_tokens=1"):
+        main([*args, "--speculative"])
+
+
+def test_convert_from_meta_casts_the_weights_and_carries_the_tokenizer(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    main(["convert", "--from-meta", str(tiny_ckpt), "--dtype", "bfloat16", "--out", str(out)])
+    a, b = load_model(tiny_ckpt), load_model(out)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert y.dtype == torch.bfloat16 and torch.equal(x.to(torch.bfloat16), y), name
+    assert (out / "tokenizer.model").read_bytes() == (tiny_ckpt / "tokenizer.model").read_bytes()
+    with pytest.raises(SystemExit, match="--dtype applies to --from-meta"):
+        main(["convert", "--from-hf", str(tmp_path), "--dtype", "bfloat16", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="is the checkpoint being read"):
+        main(["convert", "--from-meta", str(out), "--out", str(out)])

@@ -37,6 +37,17 @@ _SHARD_DIM = {
 }
 _IGNORED_KEYS = ("rope.freqs",)  # older Llama checkpoints store the rotary table; we compute it
 
+# The model shipped inside the package (see its MODEL_CARD.md): what commands use without --ckpt-dir.
+DEFAULT_CKPT_DIR = Path(__file__).parent / "default_model"
+
+
+def default_ckpt_dir() -> Path:
+    """The shipped default model's folder (params.json, consolidated.00.pth, tokenizer.model)."""
+    if not (DEFAULT_CKPT_DIR / "params.json").is_file():
+        raise CheckpointError(f"the default model is missing from this installation ({DEFAULT_CKPT_DIR}): "
+                              f"reinstall multitoken, or pass --ckpt-dir DIR")
+    return DEFAULT_CKPT_DIR
+
 
 def _shard_dim(key: str) -> int | None:
     for suffix, dim in _SHARD_DIM.items():

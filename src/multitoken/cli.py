@@ -12,7 +12,7 @@ import torch
 
 def generate(
     prompts: list[str],
-    ckpt_dir: Path,
+    ckpt_dir: Path | None = None,
     tokenizer_path: Path | None = None,
     prompts_file: Path | None = None,
     max_gen_len: int = 256,
@@ -22,10 +22,11 @@ def generate(
     max_seq_len: int = 2048,
     device: str | None = None,
     dtype: str | None = None,
-    speculative: bool = False,
+    speculative: bool | None = None,
     draft_heads: int | None = None,
 ) -> None:
-    """Complete each prompt, streaming the text as it is produced."""
+    """Complete each prompt, streaming the text as it is produced (default model: the shipped one)."""
+    from multitoken.checkpoint import default_ckpt_dir
     from multitoken.generation import Llama
     from multitoken.sampling import check_sampling_args
     from multitoken.tokenizer import StreamDecoder
@@ -35,9 +36,15 @@ def generate(
         prompts = [*prompts, *_read_prompts(prompts_file)]
     if not prompts:
         raise SystemExit("error: no prompt given: pass PROMPT arguments or --prompts-file FILE")
+    ckpt_dir = ckpt_dir or default_ckpt_dir()
     tokenizer_path = tokenizer_path or _find_tokenizer(ckpt_dir)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, seed=seed,
                         device=device, dtype=dtype)
+    if speculative is None:  # on whenever the model has heads to draft with
+        speculative = llama.model.n_future_tokens > 1
+    elif speculative and llama.model.n_future_tokens == 1:
+        raise SystemExit(f"error: --speculative needs extra prediction heads, but {ckpt_dir} has "
+                         f"n_future_tokens=1: drop --speculative, or add heads (multitoken train --add-heads K)")
     for prompt in prompts:
         prompt_tokens = llama.tokenizer.encode(prompt, bos=True, eos=False)
         stream = StreamDecoder(llama.tokenizer)
@@ -215,8 +222,20 @@ def eval_humaneval(
                   device=device, dtype=dtype, find_tokenizer=_find_tokenizer)
 
 
-def convert(out: Path, from_hf: Path | None = None, from_gguf: Path | None = None, to_hf: Path | None = None) -> None:
-    """Convert a model: a Hugging Face Llama folder or a GGUF file to our format, or ours to Hugging Face."""
+def convert(out: Path, from_hf: Path | None = None, from_gguf: Path | None = None, to_hf: Path | None = None,
+            from_meta: Path | None = None, dtype: str | None = None) -> None:
+    """Convert a model: a Hugging Face Llama folder or a GGUF file to our format, ours to Hugging Face, or
+    ours to ours in another dtype."""
+    from multitoken.generation import parse_dtype
+
+    if dtype is not None and from_meta is None:
+        raise SystemExit("error: --dtype applies to --from-meta conversions only")
+    if from_meta is not None:
+        from multitoken.convert.meta import recast
+
+        recast(from_meta, out, parse_dtype(dtype) if dtype else None)
+        print(f"wrote {out}")
+        return
     try:
         if from_hf is not None:
             from multitoken.convert.hf import from_hf as run
@@ -311,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to complete")
-    p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoint folder (params.json + *.pth)")
+    p.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (params.json + *.pth; default: the shipped model)")
     p.add_argument("--tokenizer-path", type=Path, help="tokenizer.model (default: in the checkpoint folder or its parent)")
     p.add_argument("--prompts-file", type=Path, help="file with one prompt per line (\\n stands for a newline)")
     p.add_argument("--max-gen-len", type=int, default=256, help="most tokens to generate per prompt")
@@ -321,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length: prompt + generation")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--speculative", action="store_true",
-                   help="self-speculative decoding: the extra heads draft, the next-token head verifies (same output)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="self-speculative decoding: the extra heads draft, the next-token head verifies; same "
+                        "output in fewer forwards (default: on for models with extra heads)")
     p.add_argument("--draft-heads", type=int, help="extra heads that draft, 1 .. n_future_tokens-1 (default: all)")
     p.set_defaults(func=generate)
 
@@ -459,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-gguf", type=Path, metavar="FILE", help="GGUF Llama model to convert to our format")
     src.add_argument("--to-hf", type=Path, metavar="CKPT",
                      help="our checkpoint folder to write as a LlamaForCausalLM folder (extra heads beside it)")
+    src.add_argument("--from-meta", type=Path, metavar="CKPT",
+                     help="our checkpoint folder to write again: shards merged into one file, --dtype applied")
+    p.add_argument("--dtype", help="with --from-meta: float32, bfloat16 or float16 weights (default: as stored)")
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.set_defaults(func=convert)
     return parser
