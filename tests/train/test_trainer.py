@@ -196,18 +196,25 @@ def _tiny_trainer(tmp_path, seq_len: int = 16, **cfg) -> Trainer:
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch, capsys):
-    real = trainer_mod.forward_backward
-    poisoned = {2, 3, 6, 7, 8}  # micro-batch calls that get a NaN gradient
+    poisoned = {2, 3, 6, 7, 8}  # micro-batches whose backward gives one weight a NaN gradient
 
-    def forward_backward(model, *a, **kw):
-        out = real(model, *a, **kw)
-        forward_backward.calls += 1
-        if forward_backward.calls in poisoned:
-            model.extra_heads[0].attention.wq.weight.grad[0, 0] = float("nan")
-        return out
+    class PoisonedLoss(trainer_mod.NTokenLoss):
+        calls = 0
 
-    forward_backward.calls = 0
-    monkeypatch.setattr(trainer_mod, "forward_backward", forward_backward)
+        def forward(self, *a):
+            out = super().forward(*a)
+            PoisonedLoss.calls += 1
+            if PoisonedLoss.calls in poisoned:
+                def nan_once(g):
+                    handle.remove()
+                    g = g.clone()
+                    g[0, 0] = float("nan")
+                    return g
+
+                handle = self.model.extra_heads[0].attention.wq.weight.register_hook(nan_once)
+            return out
+
+    monkeypatch.setattr(trainer_mod, "NTokenLoss", PoisonedLoss)
     tr = _tiny_trainer(tmp_path, steps=20, save_every=100, eval_every=100, max_bad_steps=3)
     weights = [p.detach().clone() for p in tr.model.parameters()]
     tr.train_step()

@@ -7,10 +7,11 @@ the same inputs and drops the last i positions of head i; passing S + n gives ev
 
 The loss is sum_i w_i * mean_t CE(head i at t, token t + 1 + i) (w_i = 1 by default).
 
-`forward_backward` runs it the paper's way: the trunk once, then each head forward -> loss -> backward
-into a detached copy of the trunk output (so only one head's logits are alive at a time), then one
-trunk backward with the accumulated gradient. `per_head_backward=False` is the plain path (every head's
-logits alive, one backward); both give the same gradients.
+`ntoken_loss` runs it the paper's way: the trunk once, then each head forward -> loss -> gradient into a
+detached copy of the trunk output (so only one head's logits are alive at a time); the loss it returns
+carries the accumulated gradients, so its one backward call runs the trunk's backward (and lets DDP see
+one backward per forward). `per_head_backward=False` is the plain path (every head's logits alive);
+both give the same gradients.
 """
 
 from __future__ import annotations
@@ -66,30 +67,106 @@ def _check(model: Transformer, inputs: torch.Tensor, labels: torch.Tensor, weigh
     return weights
 
 
-def _ce_sums(model: Transformer, h: torch.Tensor, target: torch.Tensor, scale: float | None,
-             chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy and top-1 hits of one head's output `h` (batch, seq, dim).
+def _ce_sums(model: Transformer, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and top-1 hits of one head's block output (batch, seq, dim)."""
+    logits = model.logits(out)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+    correct = ((logits.detach().argmax(-1) == target) & (target != IGNORE)).sum()
+    return loss, correct
 
-    With `scale` set, also runs the backward of scale * summed CE (into h and the shared norm/output).
-    With `chunk` set, logits exist for `chunk` positions at a time: each chunk's loss is backpropagated
-    into a detached h before the next chunk's logits are made, then h gets one backward.
+
+def _head_grads(model: Transformer, i: int, h_in: torch.Tensor, target: torch.Tensor, scale: float,
+                params: list[torch.Tensor], chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Head i's summed loss and hits, and the gradients of scale * loss with respect to `params`.
+
+    Only this head's activations are alive, and with `chunk` only that many positions' logits: each
+    chunk's loss is differentiated into the head's output before the next chunk's logits are made.
     """
-    if chunk is None or chunk >= h.shape[1]:
-        logits = model.logits(h)
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
-        correct = ((logits.detach().argmax(-1) == target) & (target != IGNORE)).sum()
-        if scale is not None and loss.requires_grad:  # False when nothing on this path trains
-            (loss * scale).backward()
-        return loss, correct, loss  # third: what the plain path sums into the graph
-    h_in = h.detach().requires_grad_(h.requires_grad) if scale is not None else h
-    loss_sum, correct, parts = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.long), []
-    for s in range(0, h.shape[1], chunk):
-        part_loss, part_correct, part = _ce_sums(model, h_in[:, s : s + chunk], target[:, s : s + chunk], scale, None)
-        loss_sum, correct = loss_sum + part_loss.detach(), correct + part_correct
-        parts.append(part)
-    if scale is not None and h.requires_grad and h_in.grad is not None:
-        h.backward(h_in.grad)
-    return loss_sum, correct, sum(parts) if scale is None else loss_sum
+    out = model.forward_head(i, h_in)
+    shared = [p for p in (model.norm.weight, model.output.weight) if p.requires_grad]
+    out_d = out.detach()
+    g_out, g_shared = torch.zeros_like(out_d), [torch.zeros_like(p) for p in shared]
+    loss_sum, correct = out_d.new_zeros((), dtype=torch.float32), out_d.new_zeros((), dtype=torch.long)
+    chunk = chunk or out.shape[1]
+    for s in range(0, out.shape[1], chunk):
+        x = out_d[:, s : s + chunk].requires_grad_()
+        loss, hits = _ce_sums(model, x, target[:, s : s + chunk])
+        g_x, *g = torch.autograd.grad(loss * scale, [x, *shared])
+        g_out[:, s : s + chunk] = g_x
+        g_shared = [a + b for a, b in zip(g_shared, g)]
+        loss_sum, correct = loss_sum + loss.detach(), correct + hits
+    # The rest of the head's path: its block (and the trunk output, when the trunk trains).
+    rest = [t for t in params if t.requires_grad and not any(t is p for p in shared)]
+    g_rest = iter(torch.autograd.grad(out, rest, g_out, allow_unused=True) if rest else [])
+    shared_grads = dict(zip(map(id, shared), g_shared))
+    grads = [shared_grads.get(id(t)) if id(t) in shared_grads else next(g_rest) if t.requires_grad else None
+             for t in params]
+    return loss_sum, correct, grads
+
+
+class _Precomputed(torch.autograd.Function):
+    """An autograd node whose value and gradients were computed already: the per-head backward runs
+    during the forward, and one ordinary backward later hands its gradients to the trunk and to the
+    heads' parameters. So a step is one backward call, as DDP and FSDP expect."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grads: tuple, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        # Scaled in place and handed over (the node keeps no reference), so .grad can take these
+        # tensors as they are instead of holding a second copy of the heads' gradients.
+        grads, ctx.grads = ctx.grads, None
+        return None, None, *(None if x is None else x.mul_(g.to(x.dtype)) for x in grads)
+
+
+def ntoken_loss(
+    model: Transformer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    weights: list[float] | None = None,
+    per_head_backward: bool = True,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, HeadStats]:
+    """The weighted n-token loss of one micro-batch (float32, differentiable) and its per-head sums.
+
+    With `per_head_backward` (when gradients are enabled) each head runs forward -> loss -> gradient
+    into a detached copy of the trunk output before the next head, so only one head's logits are ever
+    alive; the returned loss carries those gradients, and its backward continues into the trunk.
+    Otherwise every head's logits stay alive until the backward (the plain path); both give the same
+    gradients.
+    """
+    weights = _check(model, inputs, labels, weights)
+    n, seq = model.n_future_tokens, inputs.shape[1]
+    targets = [head_targets(labels, i, seq) for i in range(n)]
+    counts = torch.stack([(t != IGNORE).sum() for t in targets])
+    scales = [w / max(int(c), 1) for w, c in zip(weights, counts)]
+    h = model.forward_trunk(inputs)
+    losses, corrects = [], []
+    if per_head_backward and torch.is_grad_enabled():
+        h_in = h.detach().requires_grad_(h.requires_grad)
+        head_params = [h_in, model.norm.weight, model.output.weight]
+        head_params += [p for i in range(n) for p in model.heads[i].parameters()]
+        grads: list[torch.Tensor | None] = [None] * len(head_params)
+        for i in range(n):
+            loss_i, correct_i, g = _head_grads(model, i, h_in, targets[i], scales[i], head_params, chunk)
+            grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, g)]
+            losses.append(loss_i.double())
+            corrects.append(correct_i)
+        value = sum(s * l.float() for s, l in zip(scales, losses))
+        loss = _Precomputed.apply(value, tuple(grads), h, *head_params[1:])
+    else:
+        terms = []
+        for i in range(n):
+            loss_i, correct_i = _ce_sums(model, model.forward_head(i, h), targets[i])
+            terms.append(loss_i * scales[i])
+            losses.append(loss_i.detach().double())
+            corrects.append(correct_i)
+        loss = torch.stack(terms).sum()
+    return loss, HeadStats(torch.stack(losses), torch.stack(corrects), counts)
 
 
 def forward_backward(
@@ -103,45 +180,30 @@ def forward_backward(
     chunk: int | None = None,
     backward: bool = True,
 ) -> tuple[torch.Tensor, HeadStats]:
-    """n-token loss of one micro-batch, and (with `backward`) its gradient added to every .grad.
+    """n-token loss of one micro-batch, and (with `backward`) the gradient of loss_scale * loss added
+    to every .grad (loss_scale = 1 / grad_accum for gradient accumulation). Returns the detached
+    weighted loss and the per-head sums."""
+    with torch.set_grad_enabled(backward and torch.is_grad_enabled()):
+        loss, stats = ntoken_loss(model, inputs, labels, weights=weights, per_head_backward=per_head_backward,
+                                  chunk=chunk)
+        if backward and loss.requires_grad:  # False when nothing trains
+            (loss * loss_scale).backward()
+    return loss.detach(), stats
 
-    The gradient is that of loss_scale * loss (use 1 / grad_accum for gradient accumulation).
-    Returns the detached weighted loss (float32) and the per-head sums. A frozen trunk (no parameter
-    needing a gradient) runs under no_grad and gets no backward.
-    """
-    weights = _check(model, inputs, labels, weights)
-    n, seq = model.n_future_tokens, inputs.shape[1]
-    targets = [head_targets(labels, i, seq) for i in range(n)]
-    counts = torch.stack([(t != IGNORE).sum() for t in targets])
 
-    trunk_trains = backward and torch.is_grad_enabled() and any(
-        p.requires_grad for p in [*model.tok_embeddings.parameters(), *model.layers[:-1].parameters()])
-    with torch.set_grad_enabled(trunk_trains):
-        h = model.forward_trunk(inputs)
-    per_head = backward and per_head_backward
-    # The heads' gradients land in h_in.grad; h itself is backpropagated once at the end.
-    h_in = h.detach().requires_grad_(trunk_trains) if per_head else h
+class NTokenLoss(torch.nn.Module):
+    """The model and its n-token loss as one module, so DDP (or FSDP) can wrap a forward that the
+    single backward of the step follows."""
 
-    losses, corrects, graph_terms = [], [], []
-    for i in range(n):
-        scale = loss_scale * weights[i] / max(int(counts[i]), 1)
-        out = model.forward_head(i, h_in)
-        loss_i, correct_i, term = _ce_sums(model, out, targets[i], scale if per_head else None, chunk)
-        losses.append(loss_i.detach().double())
-        corrects.append(correct_i)
-        if not per_head:
-            graph_terms.append(term * scale)
-        del out, term  # frees this head's activations/logits before the next head
-    if backward:
-        if per_head:
-            if trunk_trains and h_in.grad is not None:
-                h.backward(h_in.grad)
-        else:
-            torch.stack(graph_terms).sum().backward()
-    stats = HeadStats(torch.stack(losses), torch.stack(corrects), counts)
-    w = torch.tensor(weights, dtype=torch.float64)
-    loss = (w * stats.loss_sum / stats.count.clamp(min=1)).sum().float()
-    return loss, stats
+    def __init__(self, model: Transformer, weights: list[float] | None = None, per_head_backward: bool = True,
+                 chunk: int | None = None):
+        super().__init__()
+        self.model, self.weights, self.per_head_backward, self.chunk = model, weights, per_head_backward, chunk
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss, s = ntoken_loss(self.model, inputs, labels, weights=self.weights,
+                              per_head_backward=self.per_head_backward, chunk=self.chunk)
+        return loss, s.loss_sum, s.correct, s.count
 
 
 @torch.no_grad()

@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from multitoken.checkpoint import load_model, read_params, save_model
 from multitoken.model import ModelArgs, Transformer
 from multitoken.train import distributed as dist_utils
 from multitoken.train.data import TokenData
-from multitoken.train.loss import HeadStats, evaluate_batch, forward_backward
+from multitoken.train.loss import HeadStats, NTokenLoss, evaluate_batch
 
 
 class NonFiniteError(RuntimeError):
@@ -242,13 +243,15 @@ class Trainer:
         self.opt = make_optimizer(model, cfg)
         self.step, self.data_pos, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
         self.metrics_path = cfg.out / "metrics.jsonl"
-        if world_size > 1:  # identical starting weights on every rank
-            dist_utils.broadcast_([p.data for p in model.parameters()])
         if resume_from is not None:
             self._load(resume_from)
         if cfg.compile:
             for block in [*model.layers, *model.extra_heads]:
                 block.compile()  # per block: forward_trunk/forward_head call the blocks, not model.forward
+        # The loss as a module: one forward and one backward per micro-batch, which is what DDP wraps.
+        self.loss = NTokenLoss(model, cfg.head_weights, cfg.per_head_backward, cfg.loss_chunk)
+        if world_size > 1:  # DDP: rank 0's weights to all, gradients averaged during the backward
+            self.loss = DistributedDataParallel(self.loss, broadcast_buffers=False)
 
     def run_config(self) -> dict:
         """What a resumed run must share with the run it continues."""
@@ -273,7 +276,7 @@ class Trainer:
         self.step, self.data_pos, self.skipped = state["step"], state["data_pos"], state["skipped"]
         _set_rng_state(state["rng"])
 
-    # One optimizer step: grad_accum micro-batches per rank, one all-reduce, clip, AdamW.
+    # One optimizer step: grad_accum micro-batches per rank (DDP syncs on the last), clip, AdamW.
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         lr = lr_at(self.step, cfg)
@@ -287,14 +290,17 @@ class Trainer:
             pos = self.data_pos + (m * self.world + self.rank) * cfg.batch_size
             inputs, labels = self.data.train_batch(cfg.seed, pos, cfg.batch_size)
             device = self.model.output.weight.device
-            with autocast:
-                _, s = forward_backward(self.model, inputs.to(device), labels.to(device), weights=cfg.head_weights,
-                                        loss_scale=1.0 / cfg.grad_accum, per_head_backward=cfg.per_head_backward,
-                                        chunk=cfg.loss_chunk)
+            last = m == cfg.grad_accum - 1
+            sync = self.loss.no_sync() if self.world > 1 and not last else nullcontext()
+            with sync:
+                with autocast:
+                    loss, *sums = self.loss(inputs.to(device), labels.to(device))
+                if loss.requires_grad:  # False when nothing trains
+                    (loss / cfg.grad_accum).backward()
+            s = HeadStats(*sums)
             stats = s if stats is None else stats + s
         self.data_pos += cfg.batch_size * cfg.grad_accum * self.world
         if self.world > 1:
-            dist_utils.all_reduce_mean_([p.grad for p in self.params if p.grad is not None])
             stats = _reduce_stats(stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         losses = stats.losses
