@@ -187,11 +187,17 @@ def train(
         print(f"done: checkpoints in {out}, metrics in {out / 'metrics.jsonl'}")
 
 
-def plot(run_dir: Path, out: Path | None = None) -> None:
-    """Plot loss and top-1 accuracy per head of a training run (RUN/metrics.jsonl) to a PNG."""
-    from multitoken.train.plot import plot_metrics
+def plot(run_dirs: list[Path], out: Path | None = None) -> None:
+    """Plot loss and top-1 accuracy per head of a training run (RUN/metrics.jsonl) to a PNG; with several
+    runs, their validation curves on shared axes."""
+    from multitoken.train.plot import plot_metrics, plot_runs
 
-    print(f"wrote {plot_metrics(run_dir, out)}")
+    if len(run_dirs) == 1:
+        print(f"wrote {plot_metrics(run_dirs[0], out)}")
+    elif out is None:
+        raise SystemExit("error: comparing several runs needs --out PNG")
+    else:
+        print(f"wrote {plot_runs(run_dirs, out)}")
 
 
 def eval_humaneval(
@@ -417,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=train)
 
     p = sub.add_parser("plot", help=plot.__doc__, description=plot.__doc__)
-    p.add_argument("run_dir", type=Path, metavar="RUN", help="a training run's --out folder")
-    p.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png)")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="training runs' --out folders")
+    p.add_argument("--out", type=Path, help="PNG to write (default with one run: RUN/curves.png)")
     p.set_defaults(func=plot)
 
     p = sub.add_parser("bench", help=bench.__doc__, description=bench.__doc__)

@@ -72,6 +72,10 @@ def test_train_writes_metrics_and_checkpoints_that_generate_and_plot_read(tmp_pa
     assert capsys.readouterr().out.startswith("def")
     main(["plot", str(out)])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["plot", str(out), str(out), "--out", str(tmp_path / "both.png")])  # runs compared on shared axes
+    assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="needs --out PNG"):
+        main(["plot", str(out), str(out)])
 
 
 _DRIVER = r"""

@@ -1,4 +1,5 @@
-"""`multitoken plot OUT`: loss and top-1 accuracy per head from OUT/metrics.jsonl, as one PNG."""
+"""`multitoken plot RUN [RUN ...]`: loss and top-1 accuracy per head from RUN/metrics.jsonl, as one PNG;
+with several runs, their validation curves side by side (an n=4 model against its n=1 baseline)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from multitoken.train.trainer import read_metrics
 
 
-def plot_metrics(run_dir: Path, png: Path | None = None) -> Path:
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -16,6 +17,43 @@ def plot_metrics(run_dir: Path, png: Path | None = None) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, png: Path) -> Path:
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)  # never a half-written PNG under the final name
+    return png
+
+
+def plot_runs(run_dirs: list[Path], png: Path) -> Path:
+    """Validation loss and accuracy per head of several runs on shared axes: color = head, style = run."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = ["o-", "s--", "^:", "d-."]
+    for r, run_dir in enumerate(run_dirs):
+        val = [x for x in read_metrics(run_dir / "metrics.jsonl") if x.get("split") == "val"]
+        if not val:
+            raise ValueError(f"no validation rows in {run_dir / 'metrics.jsonl'}: train with --eval-every N")
+        for i in range(len(val[0]["head_losses"])):
+            kw = dict(color=f"C{i}", label=f"{run_dir.name} head {i} (t+{i + 1})", ms=4)
+            steps = [x["step"] for x in val]
+            ax_loss.plot(steps, [x["head_losses"][i] for x in val], styles[r % len(styles)], **kw)
+            ax_acc.plot(steps, [x["head_acc"][i] for x in val], styles[r % len(styles)], **kw)
+    ax_loss.set(xlabel="step", ylabel="validation cross-entropy (nats)", title="validation loss per head")
+    ax_acc.set(xlabel="step", ylabel="validation top-1 accuracy", title="validation accuracy per head")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)
+    return png
+
+
+def plot_metrics(run_dir: Path, png: Path | None = None) -> Path:
+    plt = _pyplot()
     rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if r.get("split") == "train" and not r.get("skipped")]
     val = [r for r in rows if r.get("split") == "val"]
@@ -41,9 +79,6 @@ def plot_metrics(run_dir: Path, png: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    png = png or run_dir / "curves.png"
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    _save(fig, png or run_dir / "curves.png")
     plt.close(fig)
-    os.replace(tmp, png)  # never a half-written PNG under the final name
-    return png
+    return png or run_dir / "curves.png"
