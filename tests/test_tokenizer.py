@@ -320,7 +320,8 @@ def hf_tok_dir(corpus, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hf_tok")
     tok.save(str(folder / "tokenizer.json"))
     # Older configs spell a special token as a dict: both forms must work.
-    config = {"bos_token": "<|bos|>", "eos_token": {"content": "<|eos|>", "lstrip": False}, "pad_token": "<|pad|>"}
+    config = {"bos_token": "<|bos|>", "eos_token": {"content": "<|eos|>", "lstrip": False}, "pad_token": "<|pad|>",
+              "add_bos_token": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
@@ -339,6 +340,24 @@ def test_hf_tokenizer_round_trip_and_special_ids(hf_tok_dir):
     assert "".join(stream(tok, tok.encode(STREAM_TEXT, bos=True, eos=False))) == STREAM_TEXT
     with pytest.raises(ValueError, match="token id 600 is out of range"):
         tok.decode([600])
+
+
+def test_hf_tokenizer_adds_bos_only_when_the_model_uses_one(hf_tok_dir, tmp_path):
+    import json
+
+    (tmp_path / "tokenizer.json").write_bytes((hf_tok_dir / "tokenizer.json").read_bytes())
+    config = json.loads((hf_tok_dir / "tokenizer_config.json").read_text())
+    # No add_bos_token and a post-processor that adds nothing (SmolLM2): no BOS, though one is named.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "add_bos_token"}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.bos_id == 0 and tok.encode("x = 1", bos=True, eos=False) == tok.encode("x = 1", bos=False, eos=False)
+    # A post-processor that prepends BOS (Llama's tokenizer.json) says the model uses one.
+    from tokenizers import Tokenizer as HF, processors
+
+    raw = HF.from_file(str(tmp_path / "tokenizer.json"))
+    raw.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path).encode("x = 1", bos=True, eos=False)[0] == 0
 
 
 def test_hf_tokenizer_without_config_has_no_specials(hf_tok_dir, tmp_path):

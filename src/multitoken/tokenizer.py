@@ -106,7 +106,9 @@ class HFTokenizer:
 
     BOS/EOS/pad come from `tokenizer_config.json` beside the file (else `special_tokens_map.json`);
     a token the tokenizer lacks is -1, and encode() then has nothing to add. The file's own
-    post-processor is not applied: BOS/EOS are added only when asked, as with SentencePiece.
+    post-processor is not applied: EOS is added only when asked, as with SentencePiece, and BOS when
+    asked and the model uses one: the config's `add_bos_token`, else whether the post-processor
+    prepends it (Llama models do; SmolLM2 and GPT-2-style models start without one).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -130,6 +132,8 @@ class HFTokenizer:
         self.bos_id: int = self._token_id(special.get("bos_token"))
         self.eos_id: int = self._token_id(special.get("eos_token"))
         self.pad_id: int = self._token_id(special.get("pad_token"))
+        adds_bos = self.bos_id >= 0 and self.tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        self.add_bos: bool = self.bos_id >= 0 and bool(special.get("add_bos_token", adds_bos))
 
     def _token_id(self, token: str | dict | None) -> int:
         if isinstance(token, dict):  # older configs: {"content": "<s>", "lstrip": false, ...}
@@ -140,7 +144,7 @@ class HFTokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         assert isinstance(s, str), f"expected str, got {type(s).__name__}"
         ids: list[int] = self.tok.encode(s, add_special_tokens=False).ids
-        if bos and self.bos_id >= 0:
+        if bos and self.add_bos:
             ids = [self.bos_id] + ids
         if eos and self.eos_id >= 0:
             ids = ids + [self.eos_id]
