@@ -39,7 +39,7 @@ def write_tokenizer_json(folder):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])  # marked special, as real tokenizer.json files do
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
