@@ -256,7 +256,7 @@ def convert(out: Path, from_hf: Path | None = None, from_gguf: Path | None = Non
 
 
 def eval_loss(
-    ckpt_dir: Path,
+    ckpt_dir: Path | None = None,
     data: list[Path] | None = None,
     tokenizer_path: Path | None = None,
     seq_len: int = 512,
@@ -268,23 +268,24 @@ def eval_loss(
     dtype: str | None = None,
 ) -> None:
     """Per-head loss, perplexity and top-1/top-5 accuracy of a checkpoint on a corpus."""
-    from multitoken.checkpoint import load_model
+    from multitoken.checkpoint import default_ckpt_dir, load_model
     from multitoken.eval.loss import corpus_windows, format_metrics, head_metrics
-    from multitoken.train.data import held_out_corpus
     from multitoken.generation import default_device_and_dtype
     from multitoken.tokenizer import load_tokenizer
+    from multitoken.train.data import held_out_corpus
 
+    ckpt_dir = ckpt_dir or default_ckpt_dir()
     tokenizer = load_tokenizer(tokenizer_path or _find_tokenizer(ckpt_dir))
     dev, dt = default_device_and_dtype(device, dtype)
     model = load_model(ckpt_dir, device=dev, dtype=dt, max_seq_len=seq_len, max_batch_size=batch_size)
     model.free_caches()  # whole windows at once: the cache-free causal forward
-    windows = corpus_windows(data or held_out_corpus(), tokenizer, seq_len + model.n_future_tokens, glob=glob, text_field=text_field,
-                             max_windows=max_windows)
+    windows = corpus_windows(data or held_out_corpus(), tokenizer, seq_len + model.n_future_tokens, glob=glob,
+                             text_field=text_field, max_windows=max_windows)
     print(format_metrics(head_metrics(model, windows, batch_size)))
 
 
 def bench(
-    ckpt_dir: Path,
+    ckpt_dir: Path | None = None,
     tokenizer_path: Path | None = None,
     batch_sizes: tuple[int, ...] = (1, 4, 16),
     temperatures: tuple[float, ...] = (0.0, 0.8),
@@ -297,16 +298,19 @@ def bench(
     dtype: str | None = None,
 ) -> None:
     """Speed report: plain vs self-speculative decoding (tokens/s, speedup, tau, acceptance), table and chart."""
+    from multitoken.checkpoint import default_ckpt_dir
     from multitoken.eval.bench import code_prompts, format_report, plot_report, speed_report
     from multitoken.generation import Llama
 
+    png = png or (ckpt_dir / "speed.png" if ckpt_dir else Path("speed.png"))  # not into the installed package
+    ckpt_dir = ckpt_dir or default_ckpt_dir()
     llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir), max_seq_len=prompt_len + new_tokens,
                         max_batch_size=max(batch_sizes), device=device, dtype=dtype)
     prompts = code_prompts(llama.tokenizer, max(batch_sizes), prompt_len)
     rows = speed_report(llama, prompts, batch_sizes, temperatures, new_tokens=new_tokens, repeats=repeats,
                         draft_heads=draft_heads)
     print(format_report(rows))
-    print(f"wrote {plot_report(rows, png or ckpt_dir / 'speed.png')}")
+    print(f"wrote {plot_report(rows, png)}")
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -428,15 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=plot)
 
     p = sub.add_parser("bench", help=bench.__doc__, description=bench.__doc__)
-    p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoint folder (needs extra heads)")
+    p.add_argument("--ckpt-dir", type=Path, help="checkpoint folder with extra heads (default: the shipped model)")
     p.add_argument("--tokenizer-path", type=Path, help="default: in the checkpoint folder or its parent")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="batch sizes to measure")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8], help="0 is greedy")
-    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (openings of stdlib modules)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (openings of the held-out stdlib modules)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median), after one warm-up round")
     p.add_argument("--draft-heads", type=int, help="extra heads that draft (default: all)")
-    p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png)")
+    p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png, or ./speed.png for the shipped model)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16")
     p.set_defaults(func=bench)
@@ -465,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.set_defaults(func=eval_humaneval)
     p = esub.add_parser("loss", help=eval_loss.__doc__, description=eval_loss.__doc__)
-    p.add_argument("--ckpt-dir", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (default: the shipped model)")
     p.add_argument("--data", type=Path, nargs="+",
                    help="files, folders (recursive) or .jsonl files (default: the held-out standard library modules)")
     p.add_argument("--tokenizer-path", type=Path, help="default: in the checkpoint folder or its parent")
