@@ -294,3 +294,13 @@ def test_bench_train_runs_and_prints_ratios():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("n=")]
     assert [r.split()[0] for r in rows] == ["n=1", "n=4"] and rows[0].endswith("1.00x     1.00x")
+
+
+@pytest.mark.slow  # ~1-2 min: inductor compiles each block's forward and backward on CPU
+def test_compiled_blocks_train_like_eager_blocks(tmp_path):
+    losses = {}
+    for compile in (False, True):
+        (tmp_path / str(compile)).mkdir()
+        tr = _tiny_trainer(tmp_path / str(compile), compile=compile, steps=2, save_every=100, eval_every=100)
+        losses[compile] = [tr.train_step()["loss"] for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
