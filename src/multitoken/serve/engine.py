@@ -164,7 +164,8 @@ class Engine:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (at most {self.max_queue}): retry later")
+                raise QueueFull(f"no room for {len(requests)} more completions: {len(self.waiting)} of the queue's "
+                                f"{self.max_queue} places are taken; retry later")
             self.waiting.extend(requests)
             self._cond.notify()
 
