@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from multitoken.serve.engine import Engine, Output, QueueFull, Request, SamplingParams
+from multitoken.serve.engine import Engine, Output, QueueFull, Request, SamplingParams, TokenLogprob
 from multitoken.serve.metrics import Metrics
 from multitoken.tokenizer import StreamDecoder, Tokenizer
 
@@ -180,11 +180,18 @@ class _Job:
 def _logprobs_json(tokenizer: Tokenizer, out: Output) -> dict | None:
     if out.logprobs is None:
         return None
-    piece = lambda t: tokenizer.decode([t])  # noqa: E731
+    def top(lp: TokenLogprob) -> dict[str, float]:
+        # Keys are token texts, as OpenAI's format has it; tokens with the same text (byte pieces of
+        # one character, say) keep the likelier one's logprob.
+        texts: dict[str, float] = {}
+        for t, v in lp.top:
+            texts.setdefault(tokenizer.decode([t]), v)
+        return texts
+
     return {
-        "tokens": [piece(t) for t in out.tokens],
+        "tokens": [tokenizer.decode([t]) for t in out.tokens],
         "token_logprobs": [lp.logprob for lp in out.logprobs],
-        "top_logprobs": [{piece(t): v for t, v in lp.top} for lp in out.logprobs],
+        "top_logprobs": [top(lp) for lp in out.logprobs],
     }
 
 
