@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def serve(
     print(f"serving {config.model_name}: {drafting}, {max_batch_size} batch rows, context {max_seq_len}",
           file=sys.stderr)
     # On SIGTERM uvicorn stops accepting, waits for in-flight requests up to the timeout, then cancels
-    # them; the app's lifespan then stops the engine, and run() returns: exit status 0.
+    # them, and the app's lifespan stops the engine. uvicorn then re-raises the signal under the
+    # handler that was there before it: a SIGTERM that finds this no-op handler lets us exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=math.ceil(shutdown_timeout),
                 log_level="info")
