@@ -48,6 +48,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False  # a last chunk with the token counts and no choices
+
+
 class CompletionRequest(BaseModel):
     # strict: "5" is not a number; extra fields (user, stream_options, ...) are accepted and ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -62,6 +67,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    stream_options: StreamOptions | None = None
     # OpenAI fields that would change the output and that this server does not implement: refused
     # when set, rather than silently ignored.
     echo: bool = False
@@ -264,7 +270,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
                 "model": config.model_name}
         usage_prompt = sum(map(len, prompts))
         if body.stream:
-            return StreamingResponse(_stream(job, head), media_type="text/event-stream",
+            usage = usage_prompt if body.stream_options and body.stream_options.include_usage else None
+            return StreamingResponse(_stream(job, head, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         # Not streaming: a client that hangs up while it waits frees its rows all the same.
         watcher = asyncio.create_task(_until_disconnect(request))
@@ -286,11 +293,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
         _raise_for_abort(reasons)
         choices = [{"text": t, "index": i, "logprobs": lp, "finish_reason": r}
                    for i, (t, lp, r) in enumerate(zip(texts, logprobs, reasons))]
-        usage = {"prompt_tokens": usage_prompt, "completion_tokens": job.n_tokens,
-                 "total_tokens": usage_prompt + job.n_tokens}
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        return JSONResponse({**head, "choices": choices, "usage": _usage(usage_prompt, job)})
 
-    async def _stream(job: _Job, head: dict) -> AsyncIterator[str]:
+    async def _stream(job: _Job, head: dict, usage_prompt: int | None) -> AsyncIterator[str]:
         try:
             async for ev in job.events():
                 if ev.finish_reason in ("error", "shutdown"):
@@ -300,6 +305,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
                     choice = {"text": ev.text, "index": ev.index, "logprobs": _logprobs_json(tokenizer, ev.output),
                               "finish_reason": ev.finish_reason}
                     yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            if usage_prompt is not None:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(usage_prompt, job)})}\n\n"
             yield "data: [DONE]\n\n"
             _observe(job)
         finally:
@@ -350,6 +357,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
     app.add_middleware(_CountRequests, metrics=metrics, paths={r.path for r in routes})  # outermost: counts 401s
     app.state.metrics = metrics
     return app
+
+
+def _usage(prompt_tokens: int, job: _Job) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": job.n_tokens,
+            "total_tokens": prompt_tokens + job.n_tokens}
 
 
 def _abort_error(reason: str) -> APIError:
