@@ -26,7 +26,7 @@ def test_sigterm_lets_the_running_stream_finish_and_exits_0(tiny_ckpt):
                              "--port", str(port), "--max-seq-len", "512", "--shutdown-timeout", "20"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a starved CI machine may take minutes to import torch
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:

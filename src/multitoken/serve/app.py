@@ -26,7 +26,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from multitoken.serve.engine import Engine, Output, QueueFull, Request, SamplingParams, TokenLogprob
+from multitoken.serve.engine import (ContextLengthError, Engine, Output, QueueFull, Request, SamplingParams,
+                                     TokenLogprob)
 from multitoken.serve.metrics import Metrics
 from multitoken.tokenizer import StreamDecoder, Tokenizer
 
@@ -148,7 +149,7 @@ class _Job:
         for prompt in prompts:
             for _ in range(body.n):
                 i = len(self.requests)
-                # Choice j of a seeded request gets seed + j: reproducible, and the n choices differ.
+                # Choice i of a seeded request gets seed + i: reproducible, and the choices differ.
                 seed = None if body.seed is None else body.seed + i
                 params = SamplingParams(body.max_tokens, body.temperature, body.top_p, seed, body.logprobs)
                 self.requests.append(Request(prompt, params, sink(i)))
@@ -186,6 +187,7 @@ class _Job:
 def _logprobs_json(tokenizer: Tokenizer, out: Output) -> dict | None:
     if out.logprobs is None:
         return None
+
     def top(lp: TokenLogprob) -> dict[str, float]:
         # Keys are token texts, as OpenAI's format has it; tokens with the same text (byte pieces of
         # one character, say) keep the likelier one's logprob.
@@ -241,9 +243,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
         for prompt in prompts:
             try:
                 engine.check(prompt, params)
+            except ContextLengthError as e:
+                raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
             except ValueError as e:
-                code = "context_length_exceeded" if "context length" in str(e) else None
-                raise APIError(400, str(e), param="prompt" if code or not prompt else None, code=code) from None
+                raise APIError(400, str(e), param=None if prompt else "prompt") from None
         return body, prompts
 
     async def read_body(request: HTTPRequest) -> bytes:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from multitoken.model import Transformer
+from multitoken.model import Positions, Transformer
 from multitoken.sampling import check_sampling_args, probs_from_logits
 from multitoken.speculative import SpeculativeStats, accept_drafts, check_draft_heads, residual
 
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """More requests wait than the engine's queue allows: the caller should answer 429."""
+
+
+class ContextLengthError(ValueError):
+    """The prompt and max_tokens do not fit in the context."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ class Engine:
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
         if len(prompt) + params.max_tokens > self.max_seq_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"this model's maximum context length is {self.max_seq_len} tokens, but {len(prompt)} prompt "
                 f"tokens and max_tokens={params.max_tokens} need {len(prompt) + params.max_tokens}: "
                 f"shorten the prompt or lower max_tokens"
@@ -287,7 +291,7 @@ class Engine:
             self.stats.accepted[j] += accepted[j]
         self._emit(rows, tokens, n_acc, logits)
 
-    def _draft(self, h: torch.Tensor, pos, index: torch.Tensor, u: torch.Tensor, rows: slice) -> None:
+    def _draft(self, h: torch.Tensor, pos: Positions, index: torch.Tensor, u: torch.Tensor, rows: slice) -> None:
         """The extra heads at token `index` of each row draft the next k tokens (and keep their distributions)."""
         if self.k == 0:
             return
