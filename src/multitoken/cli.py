@@ -313,6 +313,36 @@ def bench(
     print(f"wrote {plot_report(rows, png)}")
 
 
+def serve(
+    ckpt_dir: Path | None = None,
+    tokenizer_path: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    max_seq_len: int = 2048,
+    max_queue: int = 256,
+    speculative: bool | None = None,
+    draft_heads: int | None = None,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    shutdown_timeout: float = 30.0,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health, /metrics)."""
+    import os
+
+    try:
+        from multitoken.serve import server
+    except ImportError as e:  # the optional serving dependencies
+        raise SystemExit(f"error: {e}: install them with pip install 'multitoken[serve]'") from None
+    ckpt_dir = ckpt_dir or server._default_ckpt_dir()
+    server.serve(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir), host=host, port=port,
+                 max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue, speculative=speculative,
+                 draft_heads=draft_heads, api_key=api_key or os.environ.get("MULTITOKEN_API_KEY"),
+                 model_name=model_name, shutdown_timeout=shutdown_timeout, device=device, dtype=dtype)
+
+
 def _read_prompts(path: Path) -> list[str]:
     """One prompt per line; a literal \\n inside a line stands for a newline, so code prompts fit."""
     if not path.is_file():
@@ -494,6 +524,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="with --from-meta: float32, bfloat16 or float16 weights (default: as stored)")
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.set_defaults(func=convert)
+
+    p = sub.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
+    p.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (default: the model shipped with the package)")
+    p.add_argument("--tokenizer-path", type=Path, help="default: in the checkpoint folder or its parent")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-batch-size", type=int, default=8, help="completions decoded together (KV cache rows)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context: prompt + max_tokens, per completion")
+    p.add_argument("--max-queue", type=int, default=256, help="completions that may wait for a row; more get 429")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="self-speculative decoding (default: on when the model has extra heads)")
+    p.add_argument("--draft-heads", type=int, help="extra heads that draft, 1 .. n_future_tokens-1 (default: all)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MULTITOKEN_API_KEY, else none)")
+    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: folder name)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests before cancelling them")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.set_defaults(func=serve)
     return parser
 
 

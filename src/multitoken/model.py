@@ -125,11 +125,13 @@ class Positions(NamedTuple):
     """Where a forward's tokens sit: `start` is an int (every row at the same offset) or a (batch, seq)
     tensor of each token's absolute position (rows at their own offsets, as in batched speculative
     decoding); `rope` holds the rotary rows of every token; `mask` (or None for plain causal) says
-    which cached keys each query sees."""
+    which cached keys each query sees; `rows` (or None for rows 0 .. batch - 1) says which KV cache
+    rows the batch's rows are, so a server can prefill a free row while others hold running requests."""
 
     start: int | torch.Tensor
     rope: torch.Tensor
     mask: torch.Tensor | None
+    rows: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> Positions:
         """The positions of one token per row, token `index[b]` of row b."""
@@ -137,7 +139,8 @@ class Positions(NamedTuple):
             # Without per-row masks a lone query would see the keys after it: refuse rather than leak.
             raise ValueError("query_index needs per-row positions: pass start_pos as a (batch,) tensor")
         rows = torch.arange(index.shape[0], device=index.device)
-        return Positions(self.start, self.rope[rows, index].unsqueeze(1), self.mask[rows, :, index].unsqueeze(2))
+        return Positions(self.start, self.rope[rows, index].unsqueeze(1), self.mask[rows, :, index].unsqueeze(2),
+                         self.rows)
 
 
 class KVCache(nn.Module):
@@ -160,9 +163,11 @@ class KVCache(nn.Module):
             self.v[:bsz, :, pos.start : end] = v
         else:
             end = pos.mask.shape[-1]
-            rows = torch.arange(bsz, device=k.device)[:, None]
-            self.k[rows, :, pos.start] = k.transpose(1, 2)
-            self.v[rows, :, pos.start] = v.transpose(1, 2)
+            rows = torch.arange(bsz, device=k.device) if pos.rows is None else pos.rows
+            self.k[rows[:, None], :, pos.start] = k.transpose(1, 2)
+            self.v[rows[:, None], :, pos.start] = v.transpose(1, 2)
+            if pos.rows is not None:  # a gather (copy) of the selected rows, not a view
+                return self.k[pos.rows, :, :end], self.v[pos.rows, :, :end]
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
 
@@ -276,6 +281,14 @@ class Transformer(nn.Module):
                 max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
             )
 
+    def copy_cache_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the KV cache rows `src` to rows `dst` in every block (a server keeps its running
+        requests in rows 0 .. n - 1 so that each step attends to no idle row)."""
+        for block in [*self.layers, *self.extra_heads]:
+            cache = block.attention.cache
+            cache.k[dst] = cache.k[src]
+            cache.v[dst] = cache.v[src]
+
     def free_caches(self) -> None:
         for block in [*self.layers, *self.extra_heads]:
             block.attention.cache = None
@@ -284,12 +297,17 @@ class Transformer(nn.Module):
     def has_caches(self) -> bool:
         return self.layers[0].attention.cache is not None
 
-    def positions(self, start_pos: int | torch.Tensor, bsz: int, seqlen: int) -> Positions:
+    def positions(
+        self, start_pos: int | torch.Tensor, bsz: int, seqlen: int, rows: torch.Tensor | None = None
+    ) -> Positions:
         """Rotary rows and attention mask for `seqlen` tokens per row from `start_pos` on, an int or a
-        (batch,) tensor of per-row offsets (which needs the KV caches)."""
+        (batch,) tensor of per-row offsets (which needs the KV caches). `rows` (batch,) picks the KV
+        cache rows to use instead of 0 .. batch - 1 (per-row offsets only)."""
         if self.has_caches and bsz > self.args.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.args.max_batch_size}")
         if isinstance(start_pos, int):
+            if rows is not None:
+                raise ValueError("cache rows need per-row positions: pass start_pos as a (batch,) tensor")
             end = start_pos + seqlen
             self._check_end(end)
             mask = None
@@ -299,12 +317,14 @@ class Transformer(nn.Module):
             return Positions(start_pos, self.rope[start_pos:end], mask)
         if not self.has_caches:
             raise ValueError("per-row positions need KV caches: call setup_caches first")
+        if rows is not None and (rows.shape != (bsz,) or int(rows.min()) < 0 or int(rows.max()) >= self.args.max_batch_size):
+            raise ValueError(f"rows must be {bsz} cache rows in [0, {self.args.max_batch_size}), got {rows.tolist()}")
         at = start_pos[:, None] + torch.arange(seqlen, device=start_pos.device)  # (batch, seq)
         end = int(at.max()) + 1
         self._check_end(end)
         # Each row's queries see its own keys up to their position: stale entries past it never count.
         mask = torch.arange(end, device=at.device) <= at[..., None]
-        return Positions(at, self.rope[at], mask.unsqueeze(1))
+        return Positions(at, self.rope[at], mask.unsqueeze(1), rows)
 
     def _check_end(self, end: int) -> None:
         if end > self.rope.shape[0]:

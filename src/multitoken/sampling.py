@@ -26,10 +26,13 @@ def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torc
     return probs_sort / probs_sort.sum(dim=-1, keepdim=True), probs_idx
 
 
-def probs_from_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution plain sampling draws from, over the vocabulary in its own order (temperature > 0)."""
+def probs_from_logits(
+    logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor
+) -> torch.Tensor:
+    """The distribution plain sampling draws from, over the vocabulary in its own order (temperature > 0).
+    Either setting may be a tensor broadcastable to logits[..., :1]: a value per row of a batch."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
+    if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return probs
     probs_sort, probs_idx = _top_p_sorted(probs, top_p)
     return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)

@@ -65,7 +65,7 @@ def accept_drafts(p_draft: torch.Tensor, q_draft: torch.Tensor, u: torch.Tensor)
     return u * q_draft < p_draft
 
 
-def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """normalize(max(0, p - q)): what a rejected draft's position samples from, so that the token
     there follows p exactly. Where p == q nothing is ever rejected; fall back to p."""
     r = (p - q).clamp_min(0)
@@ -184,7 +184,7 @@ def generate(
             n_acc = ok.long().cumprod(1).sum(1)
             # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
             q_pad = torch.cat([q[:, :k_step], torch.zeros_like(p[:, :1])], dim=1)
-            dist = torch.where((n_acc < k_step)[:, None], _residual(p[rows, n_acc], q_pad[rows, n_acc]), p[rows, n_acc])
+            dist = torch.where((n_acc < k_step)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]), p[rows, n_acc])
             nxt = torch.multinomial(dist, 1)[:, 0]
 
         step_tokens = torch.cat([drafts[:, :k_step], torch.zeros_like(nxt[:, None])], dim=1)

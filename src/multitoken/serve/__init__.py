@@ -1,0 +1,1 @@
+"""`multitoken serve`: an OpenAI-compatible HTTP server over a continuous-batching decode engine."""
