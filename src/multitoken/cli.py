@@ -332,11 +332,13 @@ def serve(
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health, /metrics)."""
     import os
 
+    from multitoken.checkpoint import default_ckpt_dir
+
     try:
         from multitoken.serve import server
     except ImportError as e:  # the optional serving dependencies
         raise SystemExit(f"error: {e}: install them with pip install 'multitoken[serve]'") from None
-    ckpt_dir = ckpt_dir or server._default_ckpt_dir()
+    ckpt_dir = ckpt_dir or default_ckpt_dir()
     server.serve(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir), host=host, port=port,
                  max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue, speculative=speculative,
                  draft_heads=draft_heads, api_key=api_key or os.environ.get("MULTITOKEN_API_KEY"),

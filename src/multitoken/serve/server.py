@@ -14,11 +14,6 @@ from multitoken.serve.app import ServerConfig, create_app
 from multitoken.serve.engine import Engine
 
 
-def _default_ckpt_dir() -> Path:
-    # The model shipped with the package will be served here once it exists.
-    raise ValueError("no default model is available yet: pass --ckpt-dir DIR")
-
-
 def serve(
     ckpt_dir: Path,
     tokenizer_path: Path,
