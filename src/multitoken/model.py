@@ -321,11 +321,10 @@ class Transformer(nn.Module):
         self._check_end(max(mask.shape[-1], int(at.max()) + 1))
         return Positions(slots, self.rope[at], mask.unsqueeze(1))
 
-    def move_cache_entries(self, src: torch.Tensor, dst: torch.Tensor, blocks: str = "all") -> None:
-        """Copy each row's cached keys/values from slots src[b] to dst[b] (both (batch, n)) in every
-        block (`blocks="all"`) or in `layers` alone, trunk and next-token head (`blocks="layers"`)."""
-        chosen = {"all": [*self.layers, *self.extra_heads], "layers": list(self.layers)}[blocks]
-        for block in chosen:
+    def move_cache_entries(self, src: torch.Tensor, dst: torch.Tensor, extra_heads: bool = True) -> None:
+        """Copy each row's cached keys/values from slots src[b] to dst[b] (both (batch, n)) in the trunk,
+        the next-token head and, unless `extra_heads=False`, the extra heads."""
+        for block in [*self.layers, *(self.extra_heads if extra_heads else [])]:
             block.attention.cache.move(src, dst)
 
     def _check_end(self, end: int) -> None:

@@ -245,6 +245,7 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
     bsz = p.shape[0]
     rows = torch.arange(bsz, device=p.device)
     child = tree.children(n_ranks)
+    child = child[..., : int((child >= 0).sum(-1).max())]  # no node has more children than this
     node = torch.zeros(bsz, dtype=torch.long, device=p.device)
     walking = torch.ones(bsz, dtype=torch.bool, device=p.device)
     dist = torch.empty_like(p[:, 0])
@@ -252,7 +253,7 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
     for d in range(int(tree.depth.max())):
         p_cur, q_cur = p[rows, node], q[:, d]
         nxt = node
-        for r in range(n_ranks):
+        for r in range(child.shape[-1]):
             c = child[rows, node, r]
             x = tree.tokens[rows, c.clamp_min(0)]
             px, qx = p_cur[rows, x], q_cur[rows, x]
@@ -349,7 +350,7 @@ def generate(
 
         # Keep the accepted path: its keys/values into consecutive slots, its states for the extra heads.
         model.move_cache_entries(start[:, None] + path, start[:, None] + torch.arange(n_path, device=device),
-                                 blocks="layers")
+                                 extra_heads=False)  # they never saw the tree
         h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
         pos, index = model.positions(start, bsz, n_path), n_acc
         cur, x0 = cur + n_acc + 1, nxt
