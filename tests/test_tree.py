@@ -103,7 +103,7 @@ def test_static_paths_are_closed_under_prefixes_and_lower_ranks_in_topological_o
         close_paths([[0, -1]], 2)
 
 
-def test_best_tree_keeps_the_most_probable_paths_and_is_a_tree():
+def test_best_tree_keeps_the_chain_then_the_most_probable_paths_and_is_a_tree():
     torch.manual_seed(0)
     n_heads, n_ranks, budget = 3, 4, 9
     logp = torch.log_softmax(torch.randn(5, n_heads, 10), -1).topk(n_ranks, -1).values
@@ -112,7 +112,9 @@ def test_best_tree_keeps_the_most_probable_paths_and_is_a_tree():
         # Brute force: the joint log probability of every rank path, best `budget` of them.
         joint = {p: sum(logp[b, d, r].item() for d, r in enumerate(p))
                  for n in range(1, n_heads + 1) for p in itertools.product(range(n_ranks), repeat=n)}
-        best = sorted(joint.values(), reverse=True)[:budget]
+        chain = [tuple([0] * n) for n in range(1, n_heads + 1)]
+        rest = sorted((v for p, v in joint.items() if p not in chain), reverse=True)
+        best = [joint[p] for p in chain] + rest[: budget - n_heads]
         paths = []
         for i in range(1, budget + 1):
             path, node = [], i
@@ -121,7 +123,8 @@ def test_best_tree_keeps_the_most_probable_paths_and_is_a_tree():
                 node = t.parent[b, node].item()
             paths.append(tuple(reversed(path)))
             assert t.parent[b, i] < i and t.depth[b, i] == len(path)
-        assert sorted((joint[p] for p in paths), reverse=True) == pytest.approx(best)
+        assert set(chain) <= set(paths)
+        assert sorted((joint[p] for p in paths), reverse=True) == pytest.approx(sorted(best, reverse=True))
         assert set(close_paths(paths, n_heads)) == set(paths)  # closed: parents and lower ranks present
 
 

@@ -7,9 +7,10 @@ last token produced and not yet fed; a node at depth d holds a candidate of head
 same trunk state, so head d's candidates are the same under every parent: a tree is a topology of ranks,
 filled with each row's tokens.
 
-- Topology: static, from a list of rank paths (Medusa's "choices"); or dynamic, per row, the `budget`
-  nodes of highest joint probability under the heads (EAGLE-2's reranking, here a product of the
-  independent per-head probabilities). Nodes are in topological order, parents first.
+- Topology: static, from a list of rank paths (Medusa's "choices"); or dynamic, per row, the chain
+  (every head's best candidate) and then the nodes of highest joint probability under the heads up
+  to a `budget` of nodes (EAGLE-2's reranking, here a product of the independent per-head
+  probabilities). Nodes are in topological order, parents first.
 - Verify: the trunk and the next-token head run over all nodes at once. Node i is cached in slot
   cur + i but rotated as position cur + depth(i), and sees the cache prefix and its own ancestors only.
 - Accept, greedy: the deepest node whose every ancestor-or-self token is the next-token head's argmax
@@ -122,11 +123,15 @@ def static_tree(paths: list[tuple[int, ...]], bsz: int, device) -> Tree:
 
 
 def best_tree(logp: torch.Tensor, budget: int) -> Tree:
-    """Per row, the `budget` nodes of highest joint log probability, given each head's candidate log
-    probabilities sorted best first, logp (batch, heads, ranks): EAGLE-2's dynamic tree.
+    """Per row, the chain (every head's best candidate, as the paper drafts) and then the nodes of
+    highest joint log probability up to `budget` nodes, given each head's candidate log probabilities
+    sorted best first, logp (batch, heads, ranks): EAGLE-2's dynamic tree, made to contain the chain.
 
-    Depth by depth only the best `budget` nodes can have children worth keeping (a child never
-    scores above its parent), so each depth expands the previous depth's best `budget` nodes."""
+    The chain comes first because the heads' probabilities are no calibrated acceptance rates: by joint
+    probability alone, under-confident heads spend the budget on breadth and the tree can accept less
+    than the chain. Depth by depth only the best `budget` nodes can have children worth keeping (a
+    child never scores above its parent), so each depth expands the previous depth's best `budget`
+    nodes; the chain's node is the best of its depth, since the heads are independent."""
     bsz, n_heads, n_ranks = logp.shape
     device = logp.device
     # Float64 and finite, with a small penalty per rank: a child scores strictly below its parent and a
@@ -147,6 +152,10 @@ def best_tree(logp: torch.Tensor, budget: int) -> Tree:
         beam_id = n_ids + torch.arange(beam.shape[1], device=device).expand(bsz, -1)
         n_ids += beam.shape[1]
     all_scores = torch.cat(scores, 1)
+    # The chain's nodes, first of their depths, jump the queue: a node's parent and lower-ranked
+    # siblings still always outrank it, so the chosen nodes stay a tree.
+    first_of_depth = torch.cat([torch.arange(s.shape[1], device=device) == 0 for s in scores])
+    all_scores = all_scores + 1e6 * first_of_depth  # above any joint score (each is >= -1e4 per head)
     n = min(budget, all_scores.shape[1])
     chosen = all_scores.topk(n, dim=1).indices.sort(dim=1).values  # depth by depth, best first: topological
     node_of = torch.zeros(bsz, n_ids, dtype=torch.long, device=device)  # candidate id -> node (root -> 0)
