@@ -102,7 +102,8 @@ class Outputs:
                 self.done[b] = True
                 return
 
-    def result(self, echo: bool, prompt_logprobs: list[list[float]] | None) -> tuple[list[list[int]], list[list[float]] | None]:
+    def result(self, echo: bool, prompt_logprobs: list[list[float]] | None
+               ) -> tuple[list[list[int]], list[list[float]] | None]:
         """`Llama.generate`'s return value: per row the (echoed prompt and) generated tokens, and logprobs."""
         tokens, lps = [], [] if prompt_logprobs is not None else None
         for b, prompt in enumerate(self.prompt_tokens):
