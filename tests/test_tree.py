@@ -124,6 +124,7 @@ def test_best_tree_keeps_the_chain_then_the_most_probable_paths_and_is_a_tree():
             paths.append(tuple(reversed(path)))
             assert t.parent[b, i] < i and t.depth[b, i] == len(path)
         assert set(chain) <= set(paths)
+        assert paths[:n_heads] == chain  # best first: cut short near the end of the cache, the chain stays
         assert sorted((joint[p] for p in paths), reverse=True) == pytest.approx(sorted(best, reverse=True))
         assert set(close_paths(paths, n_heads)) == set(paths)  # closed: parents and lower ranks present
 

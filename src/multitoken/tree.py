@@ -71,7 +71,8 @@ class Tree:
         return self.parent.shape[1]
 
     def truncate(self, n: int) -> Tree:
-        """The first n nodes: still a tree, since parents come first (and lower-ranked siblings too)."""
+        """The first n nodes: still a tree, since parents come first (and lower-ranked siblings too);
+        for a dynamic tree, the best tree of n nodes, the chain first."""
         return Tree(self.parent[:, :n], self.depth[:, :n], self.rank[:, :n],
                     None if self.tokens is None else self.tokens[:, :n])
 
@@ -157,7 +158,8 @@ def best_tree(logp: torch.Tensor, budget: int) -> Tree:
     first_of_depth = torch.cat([torch.arange(s.shape[1], device=device) == 0 for s in scores])
     all_scores = all_scores + 1e6 * first_of_depth  # above any joint score (each is >= -1e4 per head)
     n = min(budget, all_scores.shape[1])
-    chosen = all_scores.topk(n, dim=1).indices.sort(dim=1).values  # depth by depth, best first: topological
+    # Best first is a topological order, and any prefix is the best tree of its size (see truncate).
+    chosen = all_scores.topk(n, dim=1).indices
     node_of = torch.zeros(bsz, n_ids, dtype=torch.long, device=device)  # candidate id -> node (root -> 0)
     node_of.scatter_(1, 1 + chosen, torch.arange(1, n + 1, device=device).expand(bsz, -1))
     root = torch.zeros(bsz, 1, dtype=torch.long, device=device)
