@@ -1,11 +1,12 @@
 """Plain vs self-speculative decoding on the same model, prompts and settings, interleaved in one run.
 
     python benchmarks/bench_speculative.py --ckpt-dir CKPT [--tokenizer-path FILE]
-        [--batch-sizes 1 4 16] [--temperatures 0 0.8] [--new-tokens 128] [--repeats 3] [--png FILE]
+        [--batch-sizes 1 4 16] [--temperatures 0 0.8] [--new-tokens 128] [--repeats 3] [--tree N] [--png FILE]
 
 Prompts are the openings of Python standard library modules (without a tokenizer: random token ids).
 Prints tokens/s of each mode, the speedup, tokens per forward (tau, counting the verified token) and
-the acceptance rate of each draft position; `multitoken bench` is the same report from the CLI.
+the acceptance rate of each draft position, for the chain and, with --tree, for tree drafting;
+`multitoken bench` is the same report from the CLI.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--draft-heads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tree", type=int, default=None, help="also measure a dynamic draft tree of this many nodes")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -55,7 +57,7 @@ def main() -> None:
           f"{a.dtype}, {a.device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"prompts: {source}, {a.prompt_len} tokens; {a.new_tokens} new tokens; median of {a.repeats}")
     rows = speed_report(Llama(model, tokenizer), prompts, a.batch_sizes, a.temperatures, new_tokens=a.new_tokens,
-                        repeats=a.repeats, top_p=a.top_p, draft_heads=a.draft_heads)
+                        repeats=a.repeats, top_p=a.top_p, draft_heads=a.draft_heads, tree=a.tree)
     print()
     print(format_report(rows))
     if a.png:

@@ -39,6 +39,23 @@ def test_generate_streams_the_same_text_as_the_api(tiny_ckpt, capsys):
     assert out == "def main():" + expected + "\n"
 
 
+@pytest.mark.parametrize("tree", ["5", "[[0],[1],[0,0]]"])
+def test_generate_with_a_tree_streams_the_plain_greedy_text(tiny_ckpt, capsys, tree):
+    main(["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-gen-len", "12",
+          "--max-seq-len", "64", "--tree", tree, "def main():"])
+    captured = capsys.readouterr()
+    llama = Llama.build(tiny_ckpt, tiny_ckpt / "tokenizer.model", max_seq_len=64, max_batch_size=1)
+    expected = llama.text_completion(["def main():"], temperature=0, max_gen_len=12)[0]["generation"]
+    assert captured.out == "def main():" + expected + "\n"
+    assert "tokens per forward" in captured.err
+
+
+def test_tree_option_rejects_what_is_neither_a_budget_nor_paths(tiny_ckpt, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--ckpt-dir", str(tiny_ckpt), "--tree", "[1, 2]", "x"])
+    assert "expected a node budget" in capsys.readouterr().err
+
+
 def test_generate_errors_are_messages_not_tracebacks(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="no prompt given"):
         main(["generate", "--ckpt-dir", str(tiny_ckpt)])

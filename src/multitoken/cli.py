@@ -24,6 +24,7 @@ def generate(
     dtype: str | None = None,
     speculative: bool | None = None,
     draft_heads: int | None = None,
+    tree: int | list[list[int]] | None = None,
 ) -> None:
     """Complete each prompt, streaming the text as it is produced (default model: the shipped one)."""
     from multitoken.checkpoint import default_ckpt_dir
@@ -57,11 +58,11 @@ def generate(
             print(stream.push(token), end="", flush=True)
 
         llama.generate([prompt_tokens], max_gen_len, temperature=temperature, top_p=top_p, on_token=on_token,
-                       speculative=speculative, draft_heads=draft_heads)
+                       speculative=speculative, draft_heads=draft_heads, tree=tree)
         print(stream.flush(), flush=True)
         elapsed = time.perf_counter() - start
         report = f"{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s"
-        if speculative:
+        if speculative or tree is not None:
             report += f"; {llama.last_stats.summary()}"
         print(f"[{report}]", file=sys.stderr)
 
@@ -293,11 +294,13 @@ def bench(
     new_tokens: int = 128,
     repeats: int = 3,
     draft_heads: int | None = None,
+    tree: int | list[list[int]] | None = None,
     png: Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
 ) -> None:
-    """Speed report: plain vs self-speculative decoding (tokens/s, speedup, tau, acceptance), table and chart."""
+    """Speed report: plain vs self-speculative decoding, the chain and with --tree tree drafting too (tokens/s,
+    speedup, tau, acceptance by draft position), table and chart."""
     from multitoken.checkpoint import default_ckpt_dir
     from multitoken.eval.bench import code_prompts, format_report, plot_report, speed_report
     from multitoken.generation import Llama
@@ -308,7 +311,7 @@ def bench(
                         max_batch_size=max(batch_sizes), device=device, dtype=dtype)
     prompts = code_prompts(llama.tokenizer, max(batch_sizes), prompt_len)
     rows = speed_report(llama, prompts, batch_sizes, temperatures, new_tokens=new_tokens, repeats=repeats,
-                        draft_heads=draft_heads)
+                        draft_heads=draft_heads, tree=tree)
     print(format_report(rows))
     print(f"wrote {plot_report(rows, png)}")
 
@@ -343,6 +346,22 @@ def serve(
                  max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue, speculative=speculative,
                  draft_heads=draft_heads, api_key=api_key or os.environ.get("MULTITOKEN_API_KEY"),
                  model_name=model_name, shutdown_timeout=shutdown_timeout, device=device, dtype=dtype)
+
+
+def _tree_arg(text: str) -> int | list[list[int]]:
+    """--tree: a node budget (dynamic tree) or a JSON list of rank paths (static tree)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(p, list) for p in value):
+        return value
+    raise argparse.ArgumentTypeError(f"expected a node budget such as 32 or rank paths such as '[[0],[1],[0,0]]', "
+                                     f"got {text!r}")
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -386,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-speculative decoding: the extra heads draft, the next-token head verifies; same "
                         "output in fewer forwards (default: on for models with extra heads)")
     p.add_argument("--draft-heads", type=int, help="extra heads that draft, 1 .. n_future_tokens-1 (default: all)")
+    p.add_argument("--tree", type=_tree_arg, metavar="N|PATHS",
+                   help="tree drafting: verify a tree of candidates per step, a node budget N (dynamic: the most "
+                        "probable paths under the heads) or rank paths as JSON, e.g. '[[0],[1],[0,0]]' (static)")
     p.set_defaults(func=generate)
 
     p = sub.add_parser("init", help=init.__doc__, description=init.__doc__)
@@ -472,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median), after one warm-up round")
     p.add_argument("--draft-heads", type=int, help="extra heads that draft (default: all)")
+    p.add_argument("--tree", type=_tree_arg, metavar="N|PATHS",
+                   help="also measure tree drafting: a node budget N (dynamic tree) or rank paths as JSON (static)")
     p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png, or ./speed.png for the shipped model)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16")

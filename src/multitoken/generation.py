@@ -14,6 +14,8 @@ from multitoken.model import Transformer
 from multitoken.sampling import check_sampling_args, sample
 from multitoken.speculative import SpeculativeStats
 from multitoken.speculative import generate as speculative_generate
+from multitoken.tree import TreeSpec
+from multitoken.tree import generate as tree_generate
 from multitoken.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -96,6 +98,7 @@ class Llama:
         on_token: Callable[[int, int], None] | None = None,
         speculative: bool = False,
         draft_heads: int | None = None,
+        tree: TreeSpec | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Complete a batch of token lists of any lengths; each row stops at its EOS or after
         max_gen_len tokens or at max_seq_len. `on_token(row, token)` sees each generated token as it
@@ -104,12 +107,21 @@ class Llama:
         With `speculative=True` the extra heads draft (`draft_heads` of them, default all) and the
         next-token head verifies: the same output (greedy) or output distribution (sampling) as
         plain decoding, in fewer forwards; `self.last_stats` then holds the acceptance statistics.
+        `tree` (which implies `speculative`) verifies a tree of candidates per step instead of one
+        chain: a node budget for a dynamic tree (the most probable paths under the heads) or a list
+        of rank paths for a static one, e.g. [[0], [1], [0, 0]] (see multitoken.tree).
         """
         args = self.model.args
         self._check_prompts(prompt_tokens, args.max_batch_size, args.max_seq_len)
         check_sampling_args(temperature, top_p)
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        if tree is not None:
+            tokens, lps, self.last_stats = tree_generate(
+                self.model, prompt_tokens, max_gen_len, self.tokenizer.eos_id, tree=tree, temperature=temperature,
+                top_p=top_p, draft_heads=draft_heads, logprobs=logprobs, echo=echo, on_token=on_token,
+            )
+            return tokens, lps
         if speculative:
             tokens, lps, self.last_stats = speculative_generate(
                 self.model, prompt_tokens, max_gen_len, self.tokenizer.eos_id, temperature=temperature, top_p=top_p,
@@ -180,6 +192,7 @@ class Llama:
         echo: bool = False,
         speculative: bool = False,
         draft_heads: int | None = None,
+        tree: TreeSpec | None = None,
     ) -> list[CompletionPrediction]:
         if max_gen_len is None:
             max_gen_len = self.model.args.max_seq_len - 1
@@ -188,7 +201,7 @@ class Llama:
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo,
-            speculative=speculative, draft_heads=draft_heads,
+            speculative=speculative, draft_heads=draft_heads, tree=tree,
         )
         if logprobs:
             return [

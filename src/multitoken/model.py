@@ -123,10 +123,12 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 class Positions(NamedTuple):
     """Where a forward's tokens sit: `start` is an int (every row at the same offset) or a (batch, seq)
-    tensor of each token's absolute position (rows at their own offsets, as in batched speculative
-    decoding); `rope` holds the rotary rows of every token; `mask` (or None for plain causal) says
-    which cached keys each query sees; `rows` (or None for rows 0 .. batch - 1) says which KV cache
-    rows the batch's rows are, so a server can prefill a free row while others hold running requests."""
+    tensor of each token's cache slot (rows at their own offsets, as in batched speculative decoding);
+    `rope` holds the rotary rows of every token (its absolute position, which is its slot except where
+    several tokens share a position, as the candidates of a draft tree do); `mask` (or None for plain
+    causal) says which cached keys each query sees; `rows` (or None for rows 0 .. batch - 1) says which
+    KV cache rows the batch's rows are, so a server can prefill a free row while others hold running
+    requests."""
 
     start: int | torch.Tensor
     rope: torch.Tensor
@@ -169,6 +171,13 @@ class KVCache(nn.Module):
             if pos.rows is not None:  # a gather (copy) of the selected rows, not a view
                 return self.k[pos.rows, :, :end], self.v[pos.rows, :, :end]
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy row b's entries at slots src[b] to slots dst[b] (both (batch, n)), e.g. to close the gaps
+        that the rejected tokens of a verified draft tree leave between the accepted ones."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        self.k[rows, :, dst] = self.k[rows, :, src]  # the right side is gathered (copied) first
+        self.v[rows, :, dst] = self.v[rows, :, src]
 
 
 class Attention(nn.Module):
@@ -325,6 +334,19 @@ class Transformer(nn.Module):
         # Each row's queries see its own keys up to their position: stale entries past it never count.
         mask = torch.arange(end, device=at.device) <= at[..., None]
         return Positions(at, self.rope[at], mask.unsqueeze(1), rows)
+
+    def positions_at(self, slots: torch.Tensor, at: torch.Tensor, mask: torch.Tensor) -> Positions:
+        """Positions of tokens cached at `slots` and rotated as at absolute positions `at` (both
+        (batch, seq)), each query seeing the cached keys where `mask` (batch, seq, end) is True: any
+        attention pattern over the cache, such as a tree of draft tokens that share positions."""
+        self._check_end(max(mask.shape[-1], int(at.max()) + 1))
+        return Positions(slots, self.rope[at], mask.unsqueeze(1))
+
+    def move_cache_entries(self, src: torch.Tensor, dst: torch.Tensor, extra_heads: bool = True) -> None:
+        """Copy each row's cached keys/values from slots src[b] to dst[b] (both (batch, n)) in the trunk,
+        the next-token head and, unless `extra_heads=False`, the extra heads."""
+        for block in [*self.layers, *(self.extra_heads if extra_heads else [])]:
+            block.attention.cache.move(src, dst)
 
     def _check_end(self, end: int) -> None:
         if end > self.rope.shape[0]:

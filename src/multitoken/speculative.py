@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from multitoken.model import Transformer
+from multitoken.model import Positions, Transformer
 from multitoken.sampling import probs_from_logits
 
 
@@ -73,6 +73,84 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, r / total.clamp_min(1e-30), p)
 
 
+class Outputs:
+    """Each row's generated tokens (and logprobs) and its end: EOS (excluded) or its length limit."""
+
+    def __init__(self, model: Transformer, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, eos_id: int,
+                 stats: SpeculativeStats, on_token: Callable[[int, int], None] | None):
+        self.prompt_tokens = prompt_tokens
+        self.eos_id = eos_id
+        self.stats = stats
+        self.on_token = on_token
+        self.max_new = [min(max_gen_len, model.args.max_seq_len - len(t)) for t in prompt_tokens]
+        self.tokens: list[list[int]] = [[] for _ in prompt_tokens]
+        self.logprobs: list[list[float]] = [[] for _ in prompt_tokens]
+        self.done = [m <= 0 for m in self.max_new]
+
+    def emit(self, b: int, tokens: list[int], lps: list[float]) -> None:
+        """Append row b's new tokens, stopping at EOS (excluded) and at the row's length limit."""
+        for t, lp in zip(tokens, lps):
+            if t == self.eos_id:
+                self.done[b] = True
+                return
+            self.tokens[b].append(t)
+            self.logprobs[b].append(lp)
+            self.stats.tokens += 1
+            if self.on_token is not None:
+                self.on_token(b, t)
+            if len(self.tokens[b]) >= self.max_new[b]:
+                self.done[b] = True
+                return
+
+    def result(self, echo: bool, prompt_logprobs: list[list[float]] | None
+               ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """`Llama.generate`'s return value: per row the (echoed prompt and) generated tokens, and logprobs."""
+        tokens, lps = [], [] if prompt_logprobs is not None else None
+        for b, prompt in enumerate(self.prompt_tokens):
+            tokens.append((list(prompt) if echo else []) + self.tokens[b])
+            if lps is not None:
+                head = ([0.0] + prompt_logprobs[b][: len(prompt) - 1]) if echo else []
+                lps.append(head + self.logprobs[b])
+        return tokens, lps
+
+
+def prefill(model: Transformer, prompt_tokens: Sequence[Sequence[int]], logprobs: bool
+            ) -> tuple[torch.Tensor, Positions, torch.Tensor, torch.Tensor, list[list[float]] | None]:
+    """Run the prompts, right-padded: padding sits past each row's end, where later steps overwrite it
+    before any query can see it. Returns the trunk output h, its positions, each row's last prompt index,
+    the next-token head's logits there (batch, vocab) and, with `logprobs`, the prompt's logprobs.
+    Every head runs later on h, so every head's cache holds the prompt."""
+    device = model.tok_embeddings.weight.device
+    bsz = len(prompt_tokens)
+    lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
+    padded = torch.zeros(bsz, int(lens.max()), dtype=torch.long, device=device)
+    for i, t in enumerate(prompt_tokens):
+        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+    pos = model.positions(torch.zeros(bsz, dtype=torch.long, device=device), *padded.shape)
+    h = model.forward_trunk(padded, pos)
+    last = lens - 1
+    prompt_logprobs = None
+    if logprobs:
+        all_logits = model.logits(model.forward_head(0, h, pos))
+        prompt_logprobs = torch.log_softmax(all_logits[:, :-1], -1).gather(-1, padded[:, 1:, None])[..., 0].tolist()
+        logits0 = all_logits[torch.arange(bsz, device=device), last]
+    else:
+        logits0 = model.logits(model.forward_head(0, h, pos, last))[:, 0]
+    return h, pos, last, logits0, prompt_logprobs
+
+
+def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits (batch, k, vocab) of extra heads 1..k at token `index` of each row: the heads' keys and
+    values are cached for every token of h, their full forward runs at `index` alone."""
+    heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
+    return model.logits(heads_out)  # one pass over the unembedding for all k heads
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list:
+    """log softmax(logits) at `tokens`, as nested lists: logits (..., vocab), tokens (...)."""
+    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].tolist()
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -93,74 +171,38 @@ def generate(
     device = model.tok_embeddings.weight.device
     max_seq_len = model.args.max_seq_len
     bsz = len(prompt_tokens)
-    lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
-    max_new = [min(max_gen_len, max_seq_len - len(t)) for t in prompt_tokens]
     stats = SpeculativeStats(proposed=[0] * k, accepted=[0] * k)
+    outputs = Outputs(model, prompt_tokens, max_gen_len, eos_id, stats, on_token)
     rows = torch.arange(bsz, device=device)
 
-    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens (and, when sampling, the distribution they were drawn from) for (batch, vocab) logits."""
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        """Tokens for (batch, vocab) logits."""
         if greedy:
-            return logits.argmax(-1), None
-        probs = probs_from_logits(logits, temperature, top_p)
-        return torch.multinomial(probs, 1).squeeze(-1), probs
+            return logits.argmax(-1)
+        return torch.multinomial(probs_from_logits(logits, temperature, top_p), 1).squeeze(-1)
 
-    def draft(h: torch.Tensor, pos, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draft(h: torch.Tensor, pos: Positions, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts (batch, k) from the extra heads at token `index` of each row, and their distributions."""
-        heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
-        logits = model.logits(heads_out)  # one pass over the unembedding for all k heads
+        logits = draft_logits(model, h, pos, index, k)
         if greedy:
             return logits.argmax(-1), None
         probs = probs_from_logits(logits, temperature, top_p)
         return torch.multinomial(probs.flatten(0, 1), 1).view(bsz, k), probs
 
-    # Prefill, right-padded: padding sits past each row's end, where later steps overwrite it before
-    # any query can see it. Every head runs, so every head's cache holds the prompt.
-    padded = torch.zeros(bsz, int(lens.max()), dtype=torch.long, device=device)
-    for i, t in enumerate(prompt_tokens):
-        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-    pos = model.positions(torch.zeros(bsz, dtype=torch.long, device=device), *padded.shape)
-    h = model.forward_trunk(padded, pos)
-    last = lens - 1
-    prompt_logprobs = None
-    if logprobs:
-        all_logits = model.logits(model.forward_head(0, h, pos))
-        prompt_logprobs = torch.log_softmax(all_logits[:, :-1], -1).gather(-1, padded[:, 1:, None])[..., 0].tolist()
-        logits0 = all_logits[rows, last]
-    else:
-        logits0 = model.logits(model.forward_head(0, h, pos, last))[:, 0]
-    x0, _ = pick(logits0)
+    h, pos, last, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
+    x0 = pick(logits0)
     drafts, q = draft(h, pos, last)
 
-    out: list[list[int]] = [[] for _ in range(bsz)]
-    out_lp: list[list[float]] = [[] for _ in range(bsz)]
-    done = [m <= 0 for m in max_new]
-
-    def emit(b: int, tokens: list[int], lps: list[float]) -> None:
-        """Append a row's new tokens, stopping at EOS (excluded) and at the row's length limit."""
-        for t, lp in zip(tokens, lps):
-            if t == eos_id:
-                done[b] = True
-                return
-            out[b].append(t)
-            out_lp[b].append(lp)
-            stats.tokens += 1
-            if on_token is not None:
-                on_token(b, t)
-            if len(out[b]) >= max_new[b]:
-                done[b] = True
-                return
-
-    first_lp = torch.log_softmax(logits0, -1).gather(-1, x0[:, None])[:, 0].tolist() if logprobs else [0.0] * bsz
+    first_lp = token_logprobs(logits0, x0) if logprobs else [0.0] * bsz
     x0_list = x0.tolist()
     for b in range(bsz):
-        if not done[b]:
+        if not outputs.done[b]:
             stats.forwards += 1
-            emit(b, [x0_list[b]], [first_lp[b]])
+            outputs.emit(b, [x0_list[b]], [first_lp[b]])
 
-    cur = lens.clone()  # position of each row's last produced token x0, not yet fed
-    while not all(done):
-        active = torch.tensor([not d for d in done], device=device)
+    cur = last + 1  # position of each row's last produced token x0, not yet fed
+    while not all(outputs.done):
+        active = torch.tensor([not d for d in outputs.done], device=device)
         # A step writes positions cur .. cur + k; near the end of the cache, draft fewer.
         k_step = min(k, max_seq_len - 1 - int(cur[active].max()))
         # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
@@ -189,8 +231,7 @@ def generate(
 
         step_tokens = torch.cat([drafts[:, :k_step], torch.zeros_like(nxt[:, None])], dim=1)
         step_tokens[rows, n_acc] = nxt
-        step_lp = (torch.log_softmax(logits0, -1).gather(-1, step_tokens[..., None])[..., 0].tolist()
-                   if logprobs else None)
+        step_lp = token_logprobs(logits0, step_tokens) if logprobs else None
         tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
         for b in range(bsz):
             if not active_list[b]:
@@ -200,18 +241,12 @@ def generate(
                 stats.proposed[j] += 1
                 stats.accepted[j] += j < n_acc_list[b]
             n = n_acc_list[b] + 1
-            emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
+            outputs.emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
 
         cur = cur + n_acc + 1
         x0 = nxt
-        if not all(done):
+        if not all(outputs.done):
             drafts, q = draft(h, pos, n_acc)
 
-    result = []
-    result_lp = [] if logprobs else None
-    for b, prompt in enumerate(prompt_tokens):
-        result.append((list(prompt) if echo else []) + out[b])
-        if logprobs:
-            head = ([0.0] + prompt_logprobs[b][: len(prompt) - 1]) if echo else []
-            result_lp.append(head + out_lp[b])
-    return result, result_lp, stats
+    tokens, lps = outputs.result(echo, prompt_logprobs)
+    return tokens, lps, stats

@@ -14,3 +14,16 @@ def test_bench_reports_both_modes_with_identical_greedy_output_and_draws_a_chart
     assert len(rows[0]) == 6 + 2 + 1  # temp batch plain spec speedup tau, 2 acceptance rates, identical
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_bench_reports_chain_and_tree_side_by_side(tiny_ckpt, tmp_path, capsys):
+    png = tmp_path / "speed.png"
+    main(["bench", "--ckpt-dir", str(tiny_ckpt), "--batch-sizes", "1", "--temperatures", "0", "0.8",
+          "--prompt-len", "16", "--new-tokens", "8", "--repeats", "1", "--tree", "6", "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "tree tok/s" in out and "tree acceptance by depth" in out
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().replace(".", "").isdigit()]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [("0.0", "1", "yes"), ("0.8", "1", "n/a")]
+    # temp batch plain chain speedup tau, 2 acceptance rates, tree speedup tau, 2 acceptance rates, identical
+    assert len(rows[0]) == 6 + 2 + 3 + 2 + 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

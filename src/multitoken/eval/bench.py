@@ -1,8 +1,9 @@
-"""The speed report: plain vs self-speculative decoding on the same model, prompts and settings.
+"""The speed report: plain vs self-speculative decoding (the chain and, given a tree, tree drafting)
+on the same model, prompts and settings.
 
-For each temperature and batch size the two modes alternate (plain, speculative, plain, ...) so drift
-in machine speed hits both alike; each figure is the median over the timed rounds, after one warm-up
-round. EOS is ignored, so every row generates exactly `new_tokens` tokens in both modes.
+For each temperature and batch size the modes alternate (plain, chain, tree, plain, ...) so drift in
+machine speed hits all alike; each figure is the median over the timed rounds, after one warm-up
+round. EOS is ignored, so every row generates exactly `new_tokens` tokens in every mode.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from multitoken.generation import Llama
 from multitoken.speculative import SpeculativeStats
+from multitoken.tree import TreeSpec
 from multitoken.train.data import HELD_OUT_MODULES
 
 # Prompts: the openings of standard library modules, code a code model should continue well.
@@ -35,13 +37,19 @@ class SpeedRow:
     temperature: float
     batch: int
     plain_tps: float  # tokens/s summed over the batch
-    spec_tps: float
+    spec_tps: float  # the chain's
     stats: SpeculativeStats
-    greedy_identical: bool | None  # None when sampling
+    greedy_identical: bool | None  # every mode's output equals plain decoding's; None when sampling
+    tree_tps: float | None = None  # with a tree only
+    tree_stats: SpeculativeStats | None = None
 
     @property
     def speedup(self) -> float:
         return self.spec_tps / self.plain_tps
+
+    @property
+    def tree_speedup(self) -> float | None:
+        return None if self.tree_tps is None else self.tree_tps / self.plain_tps
 
 
 class IgnoreEOS:
@@ -50,51 +58,73 @@ class IgnoreEOS:
     eos_id = -1
 
 
+def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
+    total.forwards += s.forwards
+    total.tokens += s.tokens
+    total.proposed = [x + y for x, y in zip(total.proposed, s.proposed)]
+    total.accepted = [x + y for x, y in zip(total.accepted, s.accepted)]
+
+
 def speed_report(llama: Llama, prompts: list[list[int]], batch_sizes: Sequence[int], temperatures: Sequence[float], *,
                  new_tokens: int = 128, repeats: int = 3, top_p: float = 0.95, draft_heads: int | None = None,
-                 log=print) -> list[SpeedRow]:
+                 tree: TreeSpec | None = None, log=print) -> list[SpeedRow]:
     bench = Llama(llama.model, IgnoreEOS())
-    k = draft_heads or llama.model.n_future_tokens - 1
+    modes = {"plain": {}, "chain": {"speculative": True}}
+    if tree is not None:
+        modes["tree"] = {"tree": tree}
     rows = []
     for temperature in temperatures:
         for bs in batch_sizes:
             batch = prompts[:bs]
-            times: dict[bool, list[float]] = {False: [], True: []}
-            total = SpeculativeStats(proposed=[0] * k, accepted=[0] * k)
+            times: dict[str, list[float]] = {m: [] for m in modes}
+            totals: dict[str, SpeculativeStats] = {}
             identical = True
             for rnd in range(repeats + 1):  # round 0 warms up
                 outs = {}
-                for spec in (False, True):
+                for mode, kwargs in modes.items():
                     torch.manual_seed(rnd)
                     start = time.perf_counter()
-                    outs[spec], _ = bench.generate(batch, new_tokens, temperature=temperature, top_p=top_p,
-                                                   speculative=spec, draft_heads=draft_heads)
+                    outs[mode], _ = bench.generate(batch, new_tokens, temperature=temperature, top_p=top_p,
+                                                   draft_heads=draft_heads, **kwargs)
                     if rnd:
-                        times[spec].append(time.perf_counter() - start)
+                        times[mode].append(time.perf_counter() - start)
+                    if rnd and mode != "plain":
+                        s = bench.last_stats
+                        _add(totals.setdefault(mode, SpeculativeStats(proposed=[0] * len(s.proposed),
+                                                                      accepted=[0] * len(s.accepted))), s)
                 if rnd:
-                    s = bench.last_stats
-                    total.forwards += s.forwards
-                    total.tokens += s.tokens
-                    total.proposed = [x + y for x, y in zip(total.proposed, s.proposed)]
-                    total.accepted = [x + y for x, y in zip(total.accepted, s.accepted)]
-                    identical &= outs[False] == outs[True]
-            row = SpeedRow(temperature, bs, bs * new_tokens / statistics.median(times[False]),
-                           bs * new_tokens / statistics.median(times[True]), total,
-                           identical if temperature == 0 else None)
+                    identical &= all(o == outs["plain"] for o in outs.values())
+            tps = {m: bs * new_tokens / statistics.median(t) for m, t in times.items()}
+            row = SpeedRow(temperature, bs, tps["plain"], tps["chain"], totals["chain"],
+                           identical if temperature == 0 else None, tps.get("tree"), totals.get("tree"))
             rows.append(row)
-            log(f"  T={temperature} batch {bs}: plain {row.plain_tps:.1f} tok/s, speculative {row.spec_tps:.1f} "
-                f"tok/s, tau {total.tokens_per_forward:.2f}")
+            line = (f"  T={temperature} batch {bs}: plain {row.plain_tps:.1f} tok/s, chain {row.spec_tps:.1f} "
+                    f"tok/s (tau {row.stats.tokens_per_forward:.2f})")
+            if row.tree_stats is not None:
+                line += f", tree {row.tree_tps:.1f} tok/s (tau {row.tree_stats.tokens_per_forward:.2f})"
+            log(line)
     return rows
 
 
 def format_report(rows: list[SpeedRow]) -> str:
-    lines = [f"{'temp':>4} {'batch':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'tau':>5}  "
-             f"{'acceptance by draft position':<30} greedy identical"]
+    """One line per temperature and batch size; with a tree, its columns follow the chain's."""
+    with_tree = any(r.tree_stats is not None for r in rows)
+    acc_width = max(30, *(6 * len(r.stats.acceptance) for r in rows))
+    header = (f"{'temp':>4} {'batch':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'tau':>5}  "
+              f"{'acceptance by draft position':<{acc_width}} ")
+    if with_tree:
+        header += f"{'tree tok/s':>10} {'speedup':>8} {'tau':>5}  {'tree acceptance by depth':<{acc_width}} "
+    lines = [header + "greedy identical"]
     for r in rows:
         acc = " ".join(f"{a:4.0%}" for a in r.stats.acceptance)
         same = "n/a" if r.greedy_identical is None else ("yes" if r.greedy_identical else "NO")
-        lines.append(f"{r.temperature:>4} {r.batch:>5} {r.plain_tps:>12.1f} {r.spec_tps:>11.1f} {r.speedup:>7.2f}x "
-                     f"{r.stats.tokens_per_forward:>5.2f}  {acc:<30} {same}")
+        line = (f"{r.temperature:>4} {r.batch:>5} {r.plain_tps:>12.1f} {r.spec_tps:>11.1f} {r.speedup:>7.2f}x "
+                f"{r.stats.tokens_per_forward:>5.2f}  {acc:<{acc_width}} ")
+        if with_tree:
+            tree_acc = " ".join(f"{a:4.0%}" for a in r.tree_stats.acceptance)
+            line += (f"{r.tree_tps:>10.1f} {r.tree_speedup:>7.2f}x {r.tree_stats.tokens_per_forward:>5.2f}  "
+                     f"{tree_acc:<{acc_width}} ")
+        lines.append(line + same)
     for t in dict.fromkeys(r.temperature for r in rows):
         by_bs = {r.batch: r.speedup for r in rows if r.temperature == t}
         smallest, largest = min(by_bs), max(by_bs)
@@ -116,11 +146,18 @@ def plot_report(rows: list[SpeedRow], png: Path) -> Path:
     for ax, t in zip(axes[0], temps):
         sel = [r for r in rows if r.temperature == t]
         x = range(len(sel))
-        ax.bar([i - 0.2 for i in x], [r.plain_tps for r in sel], width=0.4, label="plain")
-        ax.bar([i + 0.2 for i in x], [r.spec_tps for r in sel], width=0.4, label="self-speculative")
-        for i, r in zip(x, sel):
-            ax.annotate(f"{r.speedup:.2f}x\ntau {r.stats.tokens_per_forward:.2f}", (i + 0.2, r.spec_tps),
-                        ha="center", va="bottom", fontsize=8)
+        bars = [("plain", [r.plain_tps for r in sel], [None] * len(sel)),
+                ("self-speculative chain", [r.spec_tps for r in sel], [r.stats for r in sel])]
+        if all(r.tree_stats is not None for r in sel):
+            bars.append(("tree drafting", [r.tree_tps for r in sel], [r.tree_stats for r in sel]))
+        width = 0.8 / len(bars)
+        for j, (label, tps, stats) in enumerate(bars):
+            offset = (j - (len(bars) - 1) / 2) * width
+            ax.bar([i + offset for i in x], tps, width=width, label=label)
+            for i, r, v, s in zip(x, sel, tps, stats):
+                if s is not None:
+                    ax.annotate(f"{v / r.plain_tps:.2f}x\ntau {s.tokens_per_forward:.2f}", (i + offset, v),
+                                ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(x), [f"batch {r.batch}" for r in sel])
         ax.set_ylabel("tokens/s")
         ax.set_title(f"temperature {t}")

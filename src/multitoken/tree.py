@@ -1,0 +1,370 @@
+"""Tree drafting: verify several candidates per draft position in one forward (Medusa, EAGLE-2, SpecInfer)
+with the multi-token prediction heads.
+
+The chain (speculative.py) drafts one token per extra head. Here extra head d offers its best candidates
+(rank 0 first) and a tree of paths through them is verified in one forward. Node 0 is the root, the
+last token produced and not yet fed; a node at depth d holds a candidate of head d. Every head reads the
+same trunk state, so head d's candidates are the same under every parent: a tree is a topology of ranks,
+filled with each row's tokens.
+
+- Topology: static, from a list of rank paths (Medusa's "choices"); or dynamic, per row, the chain
+  (every head's best candidate) and then the nodes of highest joint probability under the heads up
+  to a `budget` of nodes (EAGLE-2's reranking, here a product of the independent per-head
+  probabilities). Nodes are in topological order, parents first.
+- Verify: the trunk and the next-token head run over all nodes at once. Node i is cached in slot
+  cur + i but rotated as position cur + depth(i), and sees the cache prefix and its own ancestors only.
+- Accept, greedy: the deepest node whose every ancestor-or-self token is the next-token head's argmax
+  at its parent, then that head's token after it: exactly plain greedy decoding.
+- Compact: the accepted path's trunk and next-token-head keys/values move from slots cur + path[j] to
+  cur + j; the rest stay behind past the row's end, where masks hide them until they are overwritten.
+- Extra heads never see the tree. After acceptance they run on the accepted path's trunk states at
+  positions cur .. cur + n_acc (keys/values cached for every path token, as in the chain) and their full
+  forward and unembedding at the last accepted token alone, which drafts the next tree.
+
+Sampling (temperature > 0) is lossless by recursive rejection sampling over siblings (SpecInfer; the
+without-replacement form of Jeon et al. 2024). Head d's candidates are an ordered sample without
+replacement from its processed distribution q_d (Gumbel-top-k), one sample per depth shared by the nodes
+of that depth (only one node per depth is ever visited, so sharing costs no independence). At a visited
+node with target p, children are tried in rank order: child x passes with probability min(1, p(x)/q(x));
+on rejection p <- normalize(max(0, p - q)) and x leaves q (q <- normalize(q without x)), because the next
+child is a draw from q without the candidates already tried. Each try is thus an ordinary speculative
+sampling step from the current p and q, so by induction the node's token follows the original p. If no
+child passes, the token is drawn from the final p. Topologies are fixed before the draws (a dynamic
+tree scores the sorted probabilities of q, not the drawn tokens), so which children exist never depends
+on what they hold; siblings always hold consecutive ranks, so no draw is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from multitoken.model import Positions, Transformer
+from multitoken.sampling import probs_from_logits
+from multitoken.speculative import (
+    Outputs,
+    SpeculativeStats,
+    accept_drafts,
+    check_draft_heads,
+    draft_logits,
+    prefill,
+    residual,
+    token_logprobs,
+)
+
+TreeSpec = int | Sequence[Sequence[int]]  # a node budget (dynamic tree) or rank paths (static tree)
+
+
+@dataclass
+class Tree:
+    """Draft trees of a batch, all (batch, nodes), nodes in topological order with node 0 the root."""
+
+    parent: torch.Tensor  # the root is its own parent
+    depth: torch.Tensor  # 0 at the root; a node at depth d holds a candidate of head d
+    rank: torch.Tensor  # which of its head's candidates the node holds
+    tokens: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.parent.shape[1]
+
+    def truncate(self, n: int) -> Tree:
+        """The first n nodes: still a tree, since parents come first (and lower-ranked siblings too);
+        for a dynamic tree, the best tree of n nodes, the chain first."""
+        return Tree(self.parent[:, :n], self.depth[:, :n], self.rank[:, :n],
+                    None if self.tokens is None else self.tokens[:, :n])
+
+    def ancestors(self) -> torch.Tensor:
+        """(batch, nodes, nodes) bool: [b, i, j] is True when node j is node i or one of its ancestors."""
+        bsz, n = self.parent.shape
+        anc = torch.zeros(bsz, n, n, dtype=torch.bool, device=self.parent.device)
+        node = torch.arange(n, device=self.parent.device).expand(bsz, n)
+        for _ in range(int(self.depth.max()) + 1):  # climb to the root, marking every node passed
+            anc.scatter_(2, node[..., None], True)
+            node = self.parent.gather(1, node)
+        return anc
+
+    def children(self, n_ranks: int) -> torch.Tensor:
+        """(batch, nodes, n_ranks): the child of each node holding each rank, or -1."""
+        bsz, n = self.parent.shape
+        child = torch.full((bsz, n, n_ranks), -1, dtype=torch.long, device=self.parent.device)
+        rows = torch.arange(bsz, device=self.parent.device)[:, None]
+        nodes = torch.arange(1, n, device=self.parent.device).expand(bsz, n - 1)
+        child[rows, self.parent[:, 1:], self.rank[:, 1:]] = nodes
+        return child
+
+
+def close_paths(paths: Sequence[Sequence[int]], max_depth: int) -> list[tuple[int, ...]]:
+    """A static tree's paths closed under prefixes and lower-ranked siblings, in topological order.
+
+    A path (r1, r2, ...) is head 1's candidate r1, then head 2's candidate r2, ... Closing under
+    lower ranks keeps every candidate count a prefix of its head's ranking (sampling needs that)."""
+    closed = set()
+    for path in paths:
+        path = tuple(path)
+        if not path or any(not isinstance(r, int) or r < 0 for r in path):
+            raise ValueError(f"a tree path is a non-empty sequence of ranks >= 0, got {list(path)}")
+        if len(path) > max_depth:
+            raise ValueError(f"tree path {list(path)} is deeper than the {max_depth} draft heads")
+        for i, r in enumerate(path):
+            closed.update(path[:i] + (lower,) for lower in range(r + 1))
+    return sorted(closed, key=lambda p: (len(p), p))
+
+
+def static_tree(paths: list[tuple[int, ...]], bsz: int, device) -> Tree:
+    """The topology of closed, sorted paths, the same for every row."""
+    index = {p: i + 1 for i, p in enumerate(paths)}
+    parent = [0] + [index.get(p[:-1], 0) for p in paths]
+    depth = [0] + [len(p) for p in paths]
+    rank = [0] + [p[-1] for p in paths]
+    as_rows = lambda xs: torch.tensor(xs, dtype=torch.long, device=device).expand(bsz, -1)  # noqa: E731
+    return Tree(as_rows(parent), as_rows(depth), as_rows(rank))
+
+
+def best_tree(logp: torch.Tensor, budget: int) -> Tree:
+    """Per row, the chain (every head's best candidate, as the paper drafts) and then the nodes of
+    highest joint log probability up to `budget` nodes, given each head's candidate log probabilities
+    sorted best first, logp (batch, heads, ranks): EAGLE-2's dynamic tree, made to contain the chain.
+
+    The chain comes first because the heads' probabilities are no calibrated acceptance rates: by joint
+    probability alone, under-confident heads spend the budget on breadth and the tree can accept less
+    than the chain. Depth by depth only the best `budget` nodes can have children worth keeping (a
+    child never scores above its parent), so each depth expands the previous depth's best `budget`
+    nodes; the chain's node is the best of its depth, since the heads are independent."""
+    bsz, n_heads, n_ranks = logp.shape
+    device = logp.device
+    # Float64 and finite, with a small penalty per rank: a child scores strictly below its parent and a
+    # sibling strictly below the ones ranked before it, so the best nodes always form a tree whose
+    # siblings hold consecutive ranks, whatever the ties.
+    logp = logp.double().clamp_min(-1e4) - 1e-6 * torch.arange(1, n_ranks + 1, device=device)
+    beam = torch.zeros(bsz, 1, dtype=torch.float64, device=device)  # the root's score
+    beam_id = torch.zeros(bsz, 1, dtype=torch.long, device=device)  # candidate ids: 0 is the root
+    scores, parents, depths, ranks = [], [], [], []
+    n_ids = 1
+    for d in range(n_heads):
+        expanded = (beam[:, :, None] + logp[:, d, None, :]).flatten(1)
+        beam, idx = expanded.topk(min(budget, expanded.shape[1]), dim=1)  # sorted: parents before children
+        scores.append(beam)
+        parents.append(beam_id.gather(1, idx // n_ranks))
+        ranks.append(idx % n_ranks)
+        depths.append(torch.full_like(idx, d + 1))
+        beam_id = n_ids + torch.arange(beam.shape[1], device=device).expand(bsz, -1)
+        n_ids += beam.shape[1]
+    all_scores = torch.cat(scores, 1)
+    # The chain's nodes, first of their depths, jump the queue: a node's parent and lower-ranked
+    # siblings still always outrank it, so the chosen nodes stay a tree.
+    first_of_depth = torch.cat([torch.arange(s.shape[1], device=device) == 0 for s in scores])
+    all_scores = all_scores + 1e6 * first_of_depth  # above any joint score (each is >= -1e4 per head)
+    n = min(budget, all_scores.shape[1])
+    # Best first is a topological order, and any prefix is the best tree of its size (see truncate).
+    chosen = all_scores.topk(n, dim=1).indices
+    node_of = torch.zeros(bsz, n_ids, dtype=torch.long, device=device)  # candidate id -> node (root -> 0)
+    node_of.scatter_(1, 1 + chosen, torch.arange(1, n + 1, device=device).expand(bsz, -1))
+    root = torch.zeros(bsz, 1, dtype=torch.long, device=device)
+    parent = node_of.gather(1, torch.cat(parents, 1).gather(1, chosen))
+    return Tree(torch.cat([root, parent], 1), torch.cat([root, torch.cat(depths, 1).gather(1, chosen)], 1),
+                torch.cat([root, torch.cat(ranks, 1).gather(1, chosen)], 1))
+
+
+class TreeDrafter:
+    """Turns the extra heads' logits into one draft tree per row: static paths or a dynamic budget."""
+
+    def __init__(self, tree: TreeSpec, max_depth: int, vocab_size: int):
+        if isinstance(tree, bool) or not isinstance(tree, (int, Sequence)) or isinstance(tree, str):
+            raise TypeError(f"tree must be a node budget (int) or a list of rank paths, got {tree!r}")
+        if isinstance(tree, int):
+            if tree < 1:
+                raise ValueError(f"a tree needs a budget of at least 1 draft node, got {tree}")
+            self.budget, self.paths = tree, None
+            self.depth, self.n_ranks = max_depth, min(tree, vocab_size)
+        else:
+            self.paths = close_paths(tree, max_depth)
+            if not self.paths:
+                raise ValueError("a static tree needs at least one path")
+            self.budget = len(self.paths)
+            self.depth = max(map(len, self.paths))
+            self.n_ranks = 1 + max(p[-1] for p in self.paths)
+            if self.n_ranks > vocab_size:
+                raise ValueError(f"tree rank {self.n_ranks - 1} is past the vocabulary of {vocab_size}")
+
+    def __call__(self, logits: torch.Tensor, root: torch.Tensor, temperature: float, top_p: float
+                 ) -> tuple[Tree, torch.Tensor | None]:
+        """The tree with its tokens for draft logits (batch, depth, vocab) and root tokens (batch,),
+        and, when sampling, the heads' processed distributions q (batch, depth, vocab)."""
+        if temperature == 0:
+            q = None
+            logp, tokens = torch.log_softmax(logits.float(), -1).topk(self.n_ranks, dim=-1)
+        else:
+            q = probs_from_logits(logits, temperature, top_p)
+            logp = q.topk(self.n_ranks, dim=-1).values.log()  # the topology sees probabilities, not draws
+            gumbel = -torch.log(-torch.log(torch.rand_like(q).clamp_min(1e-20)))
+            tokens = (q.log() + gumbel).topk(self.n_ranks, dim=-1).indices  # ordered, without replacement
+        bsz = root.shape[0]
+        tree = static_tree(self.paths, bsz, root.device) if self.paths else best_tree(logp, self.budget)
+        index = ((tree.depth - 1).clamp_min(0) * self.n_ranks + tree.rank)
+        tree.tokens = tokens.flatten(1).gather(1, index)
+        tree.tokens[:, 0] = root
+        return tree, q
+
+
+def tree_positions(model: Transformer, tree: Tree, start: torch.Tensor) -> Positions:
+    """Node i of row b in cache slot start[b] + i, rotated as position start[b] + depth, seeing the
+    row's cache before start[b] and its own ancestors."""
+    bsz, n = tree.parent.shape
+    slots = start[:, None] + torch.arange(n, device=start.device)
+    end = int(slots.max()) + 1
+    rel = torch.arange(end, device=start.device) - start[:, None]  # (batch, end): the node in each slot
+    in_tree = (rel >= 0) & (rel < n)
+    sees = tree.ancestors().gather(2, rel.clamp(0, n - 1)[:, None, :].expand(bsz, n, end))
+    mask = (rel < 0)[:, None, :] | (sees & in_tree[:, None, :])
+    return model.positions_at(slots, start[:, None] + tree.depth, mask)
+
+
+def accept_greedy(tree: Tree, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted path (batch, max depth + 1) of node indices, root first, and its draft count
+    (batch,), given the next-token head's argmax at every node (batch, nodes). A node passes when
+    its token is the argmax at its parent; the deepest node whose whole path passes is kept (siblings
+    hold distinct tokens, so it is unique). Past a row's draft count the path repeats padding."""
+    n = tree.size
+    rows = torch.arange(tree.parent.shape[0], device=target.device)
+    passes = tree.tokens == target.gather(1, tree.parent)
+    passes[:, 0] = True
+    anc = tree.ancestors()
+    on_path = ~(anc & ~passes[:, None, :]).any(-1)
+    best = torch.where(on_path, tree.depth, -1).argmax(1)
+    n_acc = tree.depth[rows, best]
+    # Ancestors in index order are in depth order: parents come first.
+    ar = torch.arange(n, device=target.device)
+    path = torch.where(anc[rows, best], ar, n).sort(1).values[:, : int(tree.depth.max()) + 1]
+    return path.clamp_max(n - 1), n_acc
+
+
+def _without(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """q (batch, vocab) with token x[b] removed and renormalised: the next draw without replacement."""
+    q = q.scatter(1, x[:, None], 0.0)
+    return q / q.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recursive rejection sampling down the tree, lossless (see the module docstring). p (batch,
+    nodes, vocab): the target at every node; q (batch, depth, vocab): each head's distribution.
+    Returns the accepted path (batch, depth + 1), its draft count and the distribution of the token
+    after it (batch, vocab)."""
+    bsz = p.shape[0]
+    rows = torch.arange(bsz, device=p.device)
+    child = tree.children(n_ranks)
+    child = child[..., : int((child >= 0).sum(-1).max())]  # no node has more children than this
+    node = torch.zeros(bsz, dtype=torch.long, device=p.device)
+    walking = torch.ones(bsz, dtype=torch.bool, device=p.device)
+    dist = torch.empty_like(p[:, 0])
+    path = [node]
+    for d in range(int(tree.depth.max())):
+        p_cur, q_cur = p[rows, node], q[:, d]
+        nxt = node
+        for r in range(child.shape[-1]):
+            c = child[rows, node, r]
+            x = tree.tokens[rows, c.clamp_min(0)]
+            px, qx = p_cur[rows, x], q_cur[rows, x]
+            # A candidate with q(x) = 0 is no draw: q's support ran out before the ranks did.
+            tried = walking & (nxt == node) & (c >= 0) & (qx > 0)
+            ok = tried & accept_drafts(px, qx, torch.rand(bsz, device=p.device))
+            rejected = (tried & ~ok)[:, None]
+            p_cur = torch.where(rejected, residual(p_cur, q_cur), p_cur)
+            q_cur = torch.where(rejected, _without(q_cur, x), q_cur)
+            nxt = torch.where(ok, c, nxt)
+        stopped = walking & (nxt == node)
+        dist = torch.where(stopped[:, None], p_cur, dist)
+        walking = walking & ~stopped
+        node = nxt
+        path.append(node)
+    dist = torch.where(walking[:, None], p[rows, node], dist)  # a leaf: the next-token head's own token
+    return torch.stack(path, 1), tree.depth[rows, node], dist
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompt_tokens: Sequence[Sequence[int]],
+    max_gen_len: int,
+    eos_id: int,
+    *,
+    tree: TreeSpec,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    draft_heads: int | None = None,
+    logprobs: bool = False,
+    echo: bool = False,
+    on_token: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[int]], list[list[float]] | None, SpeculativeStats]:
+    """Tree-drafting `generate` with the semantics of `Llama.generate` (prompts already checked).
+    `tree` is a node budget (a dynamic tree of that many draft tokens) or a list of rank paths; the
+    verify forward feeds the tree's draft tokens plus the root."""
+    drafter = TreeDrafter(tree, check_draft_heads(model, draft_heads), model.args.vocab_size)
+    greedy = temperature == 0
+    device = model.tok_embeddings.weight.device
+    max_seq_len = model.args.max_seq_len
+    bsz = len(prompt_tokens)
+    rows = torch.arange(bsz, device=device)
+    stats = SpeculativeStats(proposed=[0] * drafter.depth, accepted=[0] * drafter.depth)
+    outputs = Outputs(model, prompt_tokens, max_gen_len, eos_id, stats, on_token)
+
+    h, pos, index, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
+    x0 = logits0.argmax(-1) if greedy else torch.multinomial(probs_from_logits(logits0, temperature, top_p), 1)[:, 0]
+    first_lp = token_logprobs(logits0, x0) if logprobs else [0.0] * bsz
+    for b, t in enumerate(x0.tolist()):
+        if not outputs.done[b]:
+            stats.forwards += 1
+            outputs.emit(b, [t], [first_lp[b]])
+
+    cur = index + 1  # position of each row's last produced token x0, not yet fed
+    while not all(outputs.done):
+        t, q = drafter(draft_logits(model, h, pos, index, drafter.depth), x0, temperature, top_p)
+        active = torch.tensor([not d for d in outputs.done], device=device)
+        # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
+        t = t.truncate(min(t.size, max_seq_len - int(cur[active].max())))
+        # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
+        start = torch.where(active, cur, torch.zeros_like(cur))
+        tpos = tree_positions(model, t, start)
+        h = model.forward_trunk(torch.where(active[:, None], t.tokens, 0), tpos)
+        logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
+
+        if greedy:
+            target = logits0.argmax(-1)
+            path, n_acc = accept_greedy(t, target)
+            nxt = target[rows, path[rows, n_acc]]
+        else:
+            p = probs_from_logits(logits0, temperature, top_p)
+            path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)
+            nxt = torch.multinomial(dist, 1)[:, 0]
+        path = path[:, : int(n_acc.max()) + 1]
+        n_path = path.shape[1]
+
+        step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
+        step_tokens[rows, n_acc] = nxt
+        step_lp = token_logprobs(logits0[rows[:, None], path], step_tokens) if logprobs else None
+        tree_depth = t.depth.max(1).values.tolist()
+        tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
+        for b in range(bsz):
+            if not active_list[b]:
+                continue
+            stats.forwards += 1
+            for j in range(tree_depth[b]):
+                stats.proposed[j] += 1
+                stats.accepted[j] += j < n_acc_list[b]
+            n = n_acc_list[b] + 1
+            outputs.emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
+        if all(outputs.done):
+            break
+
+        # Keep the accepted path: its keys/values into consecutive slots, its states for the extra heads.
+        model.move_cache_entries(start[:, None] + path, start[:, None] + torch.arange(n_path, device=device),
+                                 extra_heads=False)  # they never saw the tree
+        h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
+        pos, index = model.positions(start, bsz, n_path), n_acc
+        cur, x0 = cur + n_acc + 1, nxt
+
+    tokens, lps = outputs.result(echo, prompt_logprobs)
+    return tokens, lps, stats
