@@ -36,6 +36,7 @@ def test_save_load_round_trip(tmp_path):
     model = random_model()
     save_model(model, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["consolidated.00.pth", "params.json"]
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "ckpt").iterdir())  # readable by others
     params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
     assert params["n_future_tokens"] == 3 and "max_seq_len" not in params
     loaded = load_model(tmp_path / "ckpt", max_seq_len=64, max_batch_size=2)
