@@ -251,7 +251,12 @@ def load_data(paths: Sequence[str | os.PathLike] | None, tokenizer, seq_len: int
     files = find_inputs(paths, glob) if paths else default_corpus()
     if not files:
         raise ValueError("no training files found")
-    val_files = find_inputs(val_data, glob) if val_data else None if paths else held_out_corpus()
+    if val_data:
+        val_files = find_inputs(val_data, glob)
+    elif not paths:
+        val_files = held_out_corpus()
+    else:
+        val_files = None  # a fraction of the training documents
     if val_files is not None:
         overlap = set(f.resolve() for f in files) & set(f.resolve() for f in val_files)
         if overlap:

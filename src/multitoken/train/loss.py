@@ -76,8 +76,9 @@ def _ce_sums(model: Transformer, out: torch.Tensor, target: torch.Tensor) -> tup
 
 
 def _head_grads(model: Transformer, i: int, h_in: torch.Tensor, target: torch.Tensor, scale: float,
-                params: list[torch.Tensor], chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Head i's summed loss and hits, and the gradients of scale * loss with respect to `params`.
+                chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Head i's summed loss and hits, and the gradients of scale * loss keyed by id() of each tensor
+    on its path that needs one: the trunk output h_in, head i's block, the shared norm and output.
 
     Only this head's activations are alive, and with `chunk` only that many positions' logits: each
     chunk's loss is differentiated into the head's output before the next chunk's logits are made.
@@ -96,12 +97,9 @@ def _head_grads(model: Transformer, i: int, h_in: torch.Tensor, target: torch.Te
         g_shared = [a + b for a, b in zip(g_shared, g)]
         loss_sum, correct = loss_sum + loss.detach(), correct + hits
     # The rest of the head's path: its block (and the trunk output, when the trunk trains).
-    rest = [t for t in params if t.requires_grad and not any(t is p for p in shared)]
-    g_rest = iter(torch.autograd.grad(out, rest, g_out, allow_unused=True) if rest else [])
-    shared_grads = dict(zip(map(id, shared), g_shared))
-    grads = [shared_grads.get(id(t)) if id(t) in shared_grads else next(g_rest) if t.requires_grad else None
-             for t in params]
-    return loss_sum, correct, grads
+    rest = [t for t in (h_in, *model.heads[i].parameters()) if t.requires_grad]
+    g_rest = torch.autograd.grad(out, rest, g_out) if rest else ()
+    return loss_sum, correct, {id(t): g for t, g in zip([*shared, *rest], [*g_shared, *g_rest])}
 
 
 class _Precomputed(torch.autograd.Function):
@@ -148,16 +146,16 @@ def ntoken_loss(
     losses, corrects = [], []
     if per_head_backward and torch.is_grad_enabled():
         h_in = h.detach().requires_grad_(h.requires_grad)
-        head_params = [h_in, model.norm.weight, model.output.weight]
-        head_params += [p for i in range(n) for p in model.heads[i].parameters()]
-        grads: list[torch.Tensor | None] = [None] * len(head_params)
+        grads: dict[int, torch.Tensor] = {}  # by id() of the tensor: summed over the heads
         for i in range(n):
-            loss_i, correct_i, g = _head_grads(model, i, h_in, targets[i], scales[i], head_params, chunk)
-            grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, g)]
+            loss_i, correct_i, g = _head_grads(model, i, h_in, targets[i], scales[i], chunk)
+            for key, grad in g.items():
+                grads[key] = grads[key] + grad if key in grads else grad
             losses.append(loss_i.double())
             corrects.append(correct_i)
         value = sum(s * l.float() for s, l in zip(scales, losses))
-        loss = _Precomputed.apply(value, tuple(grads), h, *head_params[1:])
+        params = [model.norm.weight, model.output.weight, *(p for i in range(n) for p in model.heads[i].parameters())]
+        loss = _Precomputed.apply(value, tuple(grads.get(id(t)) for t in [h_in, *params]), h, *params)
     else:
         terms = []
         for i in range(n):

@@ -20,9 +20,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, png: Path) -> Path:
+def _finish(plt, fig, png: Path) -> Path:
+    """Grid and legend on every axis, then the PNG, written under a temporary name and renamed."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
+    plt.close(fig)
     os.replace(tmp, png)  # never a half-written PNG under the final name
     return png
 
@@ -36,20 +42,14 @@ def plot_runs(run_dirs: list[Path], png: Path) -> Path:
         val = [x for x in read_metrics(run_dir / "metrics.jsonl") if x.get("split") == "val"]
         if not val:
             raise ValueError(f"no validation rows in {run_dir / 'metrics.jsonl'}: train with --eval-every N")
+        steps = [x["step"] for x in val]
         for i in range(len(val[0]["head_losses"])):
             kw = dict(color=f"C{i}", label=f"{run_dir.name} head {i} (t+{i + 1})", ms=4)
-            steps = [x["step"] for x in val]
             ax_loss.plot(steps, [x["head_losses"][i] for x in val], styles[r % len(styles)], **kw)
             ax_acc.plot(steps, [x["head_acc"][i] for x in val], styles[r % len(styles)], **kw)
     ax_loss.set(xlabel="step", ylabel="validation cross-entropy (nats)", title="validation loss per head")
     ax_acc.set(xlabel="step", ylabel="validation top-1 accuracy", title="validation accuracy per head")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
-    return png
+    return _finish(plt, fig, png)
 
 
 def plot_metrics(run_dir: Path, png: Path | None = None) -> Path:
@@ -75,10 +75,4 @@ def plot_metrics(run_dir: Path, png: Path | None = None) -> Path:
                         label=f"{label} val")
     ax_loss.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss per head")
     ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="accuracy per head")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, png or run_dir / "curves.png")
-    plt.close(fig)
-    return png or run_dir / "curves.png"
+    return _finish(plt, fig, png or run_dir / "curves.png")
