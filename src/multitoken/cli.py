@@ -25,6 +25,7 @@ def generate(
     speculative: bool | None = None,
     draft_heads: int | None = None,
     tree: int | list[list[int]] | None = None,
+    compile: bool = False,
 ) -> None:
     """Complete each prompt, streaming the text as it is produced (default model: the shipped one)."""
     from multitoken.checkpoint import default_ckpt_dir
@@ -40,7 +41,7 @@ def generate(
     ckpt_dir = ckpt_dir or default_ckpt_dir()
     tokenizer_path = tokenizer_path or _find_tokenizer(ckpt_dir)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, seed=seed,
-                        device=device, dtype=dtype)
+                        device=device, dtype=dtype, compile=compile)
     if speculative is None:  # on whenever the model has heads to draft with
         speculative = llama.model.n_future_tokens > 1
     elif speculative and llama.model.n_future_tokens == 1:
@@ -298,6 +299,7 @@ def bench(
     png: Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    compile: bool = False,
 ) -> None:
     """Speed report: plain vs self-speculative decoding, the chain and with --tree tree drafting too (tokens/s,
     speedup, tau, acceptance by draft position), table and chart."""
@@ -308,7 +310,7 @@ def bench(
     png = png or (ckpt_dir / "speed.png" if ckpt_dir else Path("speed.png"))  # not into the installed package
     ckpt_dir = ckpt_dir or default_ckpt_dir()
     llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir), max_seq_len=prompt_len + new_tokens,
-                        max_batch_size=max(batch_sizes), device=device, dtype=dtype)
+                        max_batch_size=max(batch_sizes), device=device, dtype=dtype, compile=compile)
     prompts = code_prompts(llama.tokenizer, max(batch_sizes), prompt_len)
     rows = speed_report(llama, prompts, batch_sizes, temperatures, new_tokens=new_tokens, repeats=repeats,
                         draft_heads=draft_heads, tree=tree)
@@ -401,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length: prompt + generation")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile'd fixed-shape steps: faster after a first call that compiles (minutes on a CPU)")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="self-speculative decoding: the extra heads draft, the next-token head verifies; same "
                         "output in fewer forwards (default: on for models with extra heads)")
@@ -499,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png, or ./speed.png for the shipped model)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16")
+    p.add_argument("--compile", action="store_true", help="decode with torch.compile'd fixed-shape steps (the warm-up compiles)")
     p.set_defaults(func=bench)
 
     p = sub.add_parser("eval", help="evaluation benchmarks")

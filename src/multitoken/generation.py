@@ -14,6 +14,7 @@ from multitoken.model import Transformer
 from multitoken.sampling import check_sampling_args, sample
 from multitoken.speculative import SpeculativeStats
 from multitoken.speculative import generate as speculative_generate
+from multitoken.steps import DecodeSteps
 from multitoken.tree import TreeSpec
 from multitoken.tree import generate as tree_generate
 from multitoken.tokenizer import Tokenizer, load_tokenizer
@@ -59,9 +60,11 @@ class Llama:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        compile: bool = False,
     ) -> Llama:
         """Load a checkpoint and its tokenizer. `model_parallel_size` is accepted for compatibility with
-        the release: shards are merged on load, so one process runs a checkpoint of any MP size."""
+        the release: shards are merged on load, so one process runs a checkpoint of any MP size.
+        `compile=True` decodes with compiled fixed-shape steps (see `Llama.compile`)."""
         torch.manual_seed(seed)
         device, dtype = default_device_and_dtype(device, dtype)
         tokenizer = load_tokenizer(tokenizer_path)
@@ -77,7 +80,8 @@ class Llama:
             ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
             vocab_size=tokenizer.n_words if params_vocab == -1 else None,
         )
-        return Llama(model, tokenizer)
+        llama = Llama(model, tokenizer)
+        return llama.compile() if compile else llama
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         if not model.has_caches:
@@ -85,6 +89,16 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.last_stats: SpeculativeStats | None = None  # of the last speculative generate call
+        self.steps = DecodeSteps(model)
+
+    def compile(self, mode: str | None = None) -> Llama:
+        """Decode with torch.compile'd fixed-shape steps (`multitoken.steps`): one compilation per
+        batch size and step length, on the first call that needs it (a minute or more on a CPU), then
+        no per-step Python work that grows with the model. `mode` is torch.compile's
+        ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
+        compiler's floating-point reassociation. Tree drafting stays eager."""
+        self.steps = DecodeSteps(self.model, compile=True, mode=mode)
+        return self
 
     @torch.inference_mode()
     def generate(
@@ -125,7 +139,7 @@ class Llama:
         if speculative:
             tokens, lps, self.last_stats = speculative_generate(
                 self.model, prompt_tokens, max_gen_len, self.tokenizer.eos_id, temperature=temperature, top_p=top_p,
-                draft_heads=draft_heads, logprobs=logprobs, echo=echo, on_token=on_token,
+                draft_heads=draft_heads, logprobs=logprobs, echo=echo, on_token=on_token, steps=self.steps,
             )
             return tokens, lps
         bsz = len(prompt_tokens)
@@ -150,7 +164,10 @@ class Llama:
             logits = self.model(tokens, 0).squeeze(2)
             token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
         for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos).squeeze(2)
+            if self.steps.compiled and cur_pos - prev_pos == 1:  # every step after the prefill
+                _, logits = self.steps.step(tokens[:, prev_pos:cur_pos], torch.full((bsz,), prev_pos, device=device))
+            else:
+                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos).squeeze(2)
             next_token = sample(logits[:, -1], temperature, top_p)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token

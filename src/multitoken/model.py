@@ -307,11 +307,15 @@ class Transformer(nn.Module):
         return self.layers[0].attention.cache is not None
 
     def positions(
-        self, start_pos: int | torch.Tensor, bsz: int, seqlen: int, rows: torch.Tensor | None = None
+        self, start_pos: int | torch.Tensor, bsz: int, seqlen: int, rows: torch.Tensor | None = None,
+        full_cache: bool = False,
     ) -> Positions:
         """Rotary rows and attention mask for `seqlen` tokens per row from `start_pos` on, an int or a
         (batch,) tensor of per-row offsets (which needs the KV caches). `rows` (batch,) picks the KV
-        cache rows to use instead of 0 .. batch - 1 (per-row offsets only)."""
+        cache rows to use instead of 0 .. batch - 1 (per-row offsets only). With `full_cache` (per-row
+        offsets only) the mask spans the whole cache, whatever the positions: every step of a given
+        batch and length then has the same shapes, as compiled steps need, and nothing waits for the
+        offsets' values (the caller keeps them below max_seq_len)."""
         if self.has_caches and bsz > self.args.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.args.max_batch_size}")
         if isinstance(start_pos, int):
@@ -329,8 +333,11 @@ class Transformer(nn.Module):
         if rows is not None and (rows.shape != (bsz,) or int(rows.min()) < 0 or int(rows.max()) >= self.args.max_batch_size):
             raise ValueError(f"rows must be {bsz} cache rows in [0, {self.args.max_batch_size}), got {rows.tolist()}")
         at = start_pos[:, None] + torch.arange(seqlen, device=start_pos.device)  # (batch, seq)
-        end = int(at.max()) + 1
-        self._check_end(end)
+        if full_cache:
+            end = self.rope.shape[0]
+        else:
+            end = int(at.max()) + 1
+            self._check_end(end)
         # Each row's queries see its own keys up to their position: stale entries past it never count.
         mask = torch.arange(end, device=at.device) <= at[..., None]
         return Positions(at, self.rope[at], mask.unsqueeze(1), rows)

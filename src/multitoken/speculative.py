@@ -20,6 +20,7 @@ import torch
 
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import probs_from_logits
+from multitoken.steps import DecodeSteps, draft_logits
 
 
 @dataclass
@@ -139,13 +140,6 @@ def prefill(model: Transformer, prompt_tokens: Sequence[Sequence[int]], logprobs
     return h, pos, last, logits0, prompt_logprobs
 
 
-def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:
-    """Logits (batch, k, vocab) of extra heads 1..k at token `index` of each row: the heads' keys and
-    values are cached for every token of h, their full forward runs at `index` alone."""
-    heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
-    return model.logits(heads_out)  # one pass over the unembedding for all k heads
-
-
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list:
     """log softmax(logits) at `tokens`, as nested lists: logits (..., vocab), tokens (...)."""
     return torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].tolist()
@@ -164,9 +158,12 @@ def generate(
     logprobs: bool = False,
     echo: bool = False,
     on_token: Callable[[int, int], None] | None = None,
+    steps: DecodeSteps | None = None,
 ) -> tuple[list[list[int]], list[list[float]] | None, SpeculativeStats]:
-    """Self-speculative `generate` with the semantics of `Llama.generate` (prompts already checked)."""
+    """Self-speculative `generate` with the semantics of `Llama.generate` (prompts already checked).
+    `steps` runs the verify and draft forwards (default: eager); the prefill is always eager."""
     k = check_draft_heads(model, draft_heads)
+    steps = steps or DecodeSteps(model)
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
     max_seq_len = model.args.max_seq_len
@@ -181,9 +178,8 @@ def generate(
             return logits.argmax(-1)
         return torch.multinomial(probs_from_logits(logits, temperature, top_p), 1).squeeze(-1)
 
-    def draft(h: torch.Tensor, pos: Positions, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts (batch, k) from the extra heads at token `index` of each row, and their distributions."""
-        logits = draft_logits(model, h, pos, index, k)
+    def draft(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts (batch, k) from the extra heads' logits (batch, k, vocab), and their distributions."""
         if greedy:
             return logits.argmax(-1), None
         probs = probs_from_logits(logits, temperature, top_p)
@@ -191,7 +187,7 @@ def generate(
 
     h, pos, last, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
     x0 = pick(logits0)
-    drafts, q = draft(h, pos, last)
+    drafts, q = draft(draft_logits(model, h, pos, last, k))
 
     first_lp = token_logprobs(logits0, x0) if logprobs else [0.0] * bsz
     x0_list = x0.tolist()
@@ -209,9 +205,7 @@ def generate(
         start = torch.where(active, cur, torch.zeros_like(cur))
         inp = torch.cat([x0[:, None], drafts[:, :k_step]], dim=1)
         inp = torch.where(active[:, None], inp, torch.zeros_like(inp))
-        pos = model.positions(start, bsz, k_step + 1)
-        h = model.forward_trunk(inp, pos)
-        logits0 = model.logits(model.forward_head(0, h, pos))  # (batch, k_step + 1, vocab)
+        h, logits0 = steps.step(inp, start)  # logits0: (batch, k_step + 1, vocab)
 
         if greedy:
             target = logits0.argmax(-1)
@@ -246,7 +240,7 @@ def generate(
         cur = cur + n_acc + 1
         x0 = nxt
         if not all(outputs.done):
-            drafts, q = draft(h, pos, n_acc)
+            drafts, q = draft(steps.draft(h, start, n_acc, k))
 
     tokens, lps = outputs.result(echo, prompt_logprobs)
     return tokens, lps, stats

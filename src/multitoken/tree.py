@@ -43,12 +43,12 @@ import torch
 
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import probs_from_logits
+from multitoken.steps import draft_logits
 from multitoken.speculative import (
     Outputs,
     SpeculativeStats,
     accept_drafts,
     check_draft_heads,
-    draft_logits,
     prefill,
     residual,
     token_logprobs,

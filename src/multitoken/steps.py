@@ -1,0 +1,89 @@
+"""The forwards of a decoding loop, eager or compiled.
+
+A decoding loop needs two forwards: a step (tokens at per-row positions through the trunk and the
+next-token head) and, for self-speculation, a draft (the extra heads at one token per row). Eager,
+they attend the cache prefix the positions need. Compiled, they attend the whole cache under a mask
+(`Transformer.positions(..., full_cache=True)`), so every step of a given batch size and token count
+has the same shapes: torch.compile traces each shape once, nothing is allocated or decided in
+Python per block, and on a GPU `mode="reduce-overhead"` replays the step as a CUDA graph. Both
+compute the same function; the model itself knows nothing of compilation.
+
+On a CPU with bfloat16 weights, compiled steps also compute the matrix products of few rows as
+float32 multiply-and-sum reductions that inductor fuses with the weights' widening
+(`use_rowwise_matmuls`): ATen's bf16 matrix-vector product widens the weights in a separate pass and
+reads memory at a third of the speed. Decoding at batch 1 is bound by that speed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multitoken.model import Positions, Transformer
+
+# Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU; measured
+# here (2-core AVX-512): 3.5x ATen at 1 row, even at 4, slower from 8 on.
+ROWWISE_MAX_ROWS = 4
+
+
+class RowwiseLinear(nn.Linear):
+    """nn.Linear whose product, for few rows, is a float32 multiply-and-sum over the weights: under
+    torch.compile on a CPU, one pass over the bf16 weights that widens and accumulates in registers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if rows > ROWWISE_MAX_ROWS or self.bias is not None:
+            return F.linear(x, self.weight, self.bias)
+        # (out, rows) with the weights outermost: each weight row is read once for all rows of x.
+        y = (self.weight.float()[:, None, :] * x.reshape(rows, -1).float()[None]).sum(-1)
+        return y.t().reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
+    """Make every nn.Linear of `model` a RowwiseLinear, in place: the same parameters and state dict
+    keys, another forward (worth it only compiled, on a CPU, in bf16)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = RowwiseLinear
+    return model
+
+
+class DecodeSteps:
+    """`step` and `draft` for `model`, eager or compiled (`mode` is torch.compile's, e.g.
+    "reduce-overhead" for CUDA graphs on a GPU)."""
+
+    def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None):
+        if not model.has_caches:
+            raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
+        self.model = model
+        self.compiled = compile
+        self.step = self._step
+        self.draft = self._draft
+        if compile:
+            weight = model.tok_embeddings.weight
+            if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+                use_rowwise_matmuls(model)
+            self.step = torch.compile(self._step, dynamic=False, fullgraph=True, mode=mode)
+            self.draft = torch.compile(self._draft, dynamic=False, fullgraph=True, mode=mode)
+
+    def _step(self, tokens: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (batch, seq) at positions start[b] .. start[b] + seq - 1 of each row: the trunk output
+        (batch, seq, dim) and the next-token head's float32 logits (batch, seq, vocab)."""
+        m = self.model
+        pos = m.positions(start, tokens.shape[0], tokens.shape[1], full_cache=self.compiled)
+        h = m.forward_trunk(tokens, pos)
+        return h, m.logits(m.forward_head(0, h, pos))
+
+    def _draft(self, h: torch.Tensor, start: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits (batch, k, vocab) of extra heads 1 .. k at token index[b] of each row of the trunk
+        output h of a `step` at `start`; the heads' keys and values are cached for every token of h."""
+        pos = self.model.positions(start, h.shape[0], h.shape[1], full_cache=self.compiled)
+        return draft_logits(self.model, h, pos, index, k)
+
+
+def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits (batch, k, vocab) of extra heads 1..k at token `index` of each row: the heads' keys and
+    values are cached for every token of h, their full forward runs at `index` alone."""
+    heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
+    return model.logits(heads_out)  # one pass over the unembedding for all k heads
