@@ -7,7 +7,12 @@ on the same weights, in the same run, greedy, tokens/s summed over the batch.
 The checkpoint's trunk and next-token head are exported to a transformers `LlamaForCausalLM`
 (rotary rows permuted), so both sides compute the same function. Prompts are random token ids and
 EOS is disabled on both sides, so every run generates exactly --new-tokens tokens. Each figure is the
-median of --repeats timed runs after one warm-up run.
+median of --repeats timed runs after one warm-up run (which compiles, with --compile).
+
+Besides tokens/s: the bytes a decode step reads (weights and KV cache), the bandwidth that achieves,
+and its fraction of the machine's copy bandwidth measured in the same run. With --compile, also
+multitoken's compiled fixed-shape steps (`Llama.compile`; bf16 on a CPU uses row-wise products) and
+transformers with a static cache + torch.compile.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from multitoken.checkpoint import load_model
 from multitoken.convert.hf import head_to_hf_state_dict, hf_llama_config
-from multitoken.eval.bench import IgnoreEOS
+from multitoken.eval.bench import IgnoreEOS, copy_bandwidth, step_bytes
 from multitoken.generation import Llama, parse_dtype
 
 
@@ -35,13 +40,6 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def read_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
-    """The machine's memory read bandwidth in bytes/s: summing a buffer far larger than any cache."""
-    buf = torch.ones(nbytes // 4, device=device)
-    seconds = _median_seconds(lambda: (buf.sum(), torch.cuda.synchronize() if device == "cuda" else None), 5)
-    return nbytes / seconds
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", type=Path, required=True)
@@ -52,7 +50,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="also time transformers with static cache + torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also time multitoken's compiled fixed-shape steps and transformers' static cache + compile")
     a = p.parse_args()
 
     import transformers
@@ -78,51 +77,62 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, median of {a.repeats}")
 
-    # Batch-1 decoding streams every weight but the embedding table once per token.
-    step_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters()
-                     if n != "tok_embeddings.weight" and not n.startswith("extra_heads."))
-    bandwidth = read_bandwidth(a.device)
-    ceiling = bandwidth / step_bytes
-    print(f"weights read per step {step_bytes / 1e6:.0f} MB; memory read bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"batch-1 ceiling {ceiling:.1f} tok/s")
+    bandwidth = copy_bandwidth(a.device)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write, measured in this run)")
+    compiled = None
+    if a.compile:
+        compiled = Llama(model, IgnoreEOS()).compile()  # fixed-shape steps; the warm-up run compiles
 
     rows = []
     for bs in a.batch_sizes:
         prompts = prompt.repeat(bs, 1)
-        ours_out = []
+        outs: dict[str, list] = {}
 
-        def ours():
-            ours_out[:] = llama.generate(prompts.tolist(), a.new_tokens, temperature=0)[0]
+        def ours(name: str, llama: Llama):
+            outs[name] = llama.generate(prompts.tolist(), a.new_tokens, temperature=0)[0]
 
         def theirs(**kw):
             with torch.inference_mode():
                 return hf.generate(prompts.to(a.device), max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
                                    do_sample=False, **kw)
 
-        t_ours = _median_seconds(ours, a.repeats)
-        t_hf = _median_seconds(theirs, a.repeats)
+        row = {"batch": bs, "ours": bs * a.new_tokens / _median_seconds(lambda: ours("eager", llama), a.repeats)}
+        row["hf"] = bs * a.new_tokens / _median_seconds(theirs, a.repeats)
         hf_tokens = theirs()[:, a.prompt_len:].tolist()
-        agree = sum(x == y for r1, r2 in zip(ours_out, hf_tokens) for x, y in zip(r1, r2)) / (bs * a.new_tokens)
-        row = {"batch": bs, "ours": bs * a.new_tokens / t_ours, "hf": bs * a.new_tokens / t_hf, "agree": agree}
-        if a.compile:
+        row["agree"] = _agreement(outs["eager"], hf_tokens)
+        # Eager steps read the filled part of the cache, compiled ones all of it (max_seq_len).
+        row["bytes"] = step_bytes(model, bs, a.prompt_len + a.new_tokens // 2, all_heads=False)
+        if compiled is not None:
+            row["compiled"] = bs * a.new_tokens / _median_seconds(lambda: ours("compiled", compiled), a.repeats)
+            row["compiled_agree"] = _agreement(outs["compiled"], outs["eager"])
+            row["compiled_bytes"] = step_bytes(model, bs, max_seq_len, all_heads=False)
             t_hfc = _median_seconds(lambda: theirs(cache_implementation="static"), a.repeats)
             row["hf_compiled"] = bs * a.new_tokens / t_hfc
         rows.append(row)
 
     print()
-    header = f"{'batch':>5} {'multitoken tok/s':>17} {'transformers tok/s':>19} {'ratio':>6} {'same tokens':>12}"
-    if a.compile:
-        header += f" {'hf static+compile':>18} {'ratio':>6}"
+    header = (f"{'batch':>5} {'multitoken tok/s':>17} {'GB/s':>5} {'of copy':>7} {'transformers tok/s':>19} "
+              f"{'ratio':>6} {'same tokens':>12}")
+    if compiled is not None:
+        header += (f" {'compiled tok/s':>15} {'GB/s':>5} {'of copy':>7} {'same as eager':>13} "
+                   f"{'hf static+compile':>18} {'compiled/hf':>11}")
     print(header)
     for r in rows:
-        line = f"{r['batch']:>5} {r['ours']:>17.1f} {r['hf']:>19.1f} {r['ours'] / r['hf']:>5.2f}x {r['agree']:>11.1%}"
-        if a.compile:
-            line += f" {r['hf_compiled']:>18.1f} {r['ours'] / r['hf_compiled']:>5.2f}x"
+        # Achieved bandwidth: bytes a decode step reads x steps per second (tokens/s over the batch).
+        bw = r["bytes"] * r["ours"] / r["batch"]
+        line = (f"{r['batch']:>5} {r['ours']:>17.1f} {bw / 1e9:>5.1f} {bw / bandwidth:>7.0%} {r['hf']:>19.1f} "
+                f"{r['ours'] / r['hf']:>5.2f}x {r['agree']:>11.1%}")
+        if compiled is not None:
+            cbw = r["compiled_bytes"] * r["compiled"] / r["batch"]
+            line += (f" {r['compiled']:>15.1f} {cbw / 1e9:>5.1f} {cbw / bandwidth:>7.0%} {r['compiled_agree']:>12.1%} "
+                     f"{r['hf_compiled']:>18.1f} {r['compiled'] / r['hf_compiled']:>10.2f}x")
         print(line)
-    for r in rows:
-        if r["batch"] == 1:
-            print(f"batch 1: multitoken at {r['ours'] / ceiling:.0%} of the weight-streaming ceiling, "
-                  f"transformers at {r['hf'] / ceiling:.0%}")
+    print(f"bytes per decode step at batch 1: {rows[0]['bytes'] / 1e6:.1f} MB (weights but the embedding table, "
+          f"and the KV cache); the copy bandwidth allows {bandwidth / rows[0]['bytes']:.1f} steps/s")
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    return sum(x == y for r1, r2 in zip(a, b) for x, y in zip(r1, r2)) / sum(len(r) for r in a)
 
 
 if __name__ == "__main__":

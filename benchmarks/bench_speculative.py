@@ -2,11 +2,17 @@
 
     python benchmarks/bench_speculative.py --ckpt-dir CKPT [--tokenizer-path FILE]
         [--batch-sizes 1 4 16] [--temperatures 0 0.8] [--new-tokens 128] [--repeats 3] [--tree N] [--png FILE]
+        [--dtype float32] [--compile]
 
 Prompts are the openings of Python standard library modules (without a tokenizer: random token ids).
 Prints tokens/s of each mode, the speedup, tokens per forward (tau, counting the verified token) and
 the acceptance rate of each draft position, for the chain and, with --tree, for tree drafting;
 `multitoken bench` is the same report from the CLI.
+
+Then the cost of one step at each batch size, interleaved: a decode step (1 token per row), a verify
+step (1 + k tokens) and a whole greedy self-speculative step (verify, accept, draft), with the bytes
+of weights and KV cache each reads, the bandwidth that achieves, and its fraction of the machine's
+copy bandwidth measured in the same run. With --compile both modes use compiled fixed-shape steps.
 """
 
 from __future__ import annotations
@@ -17,7 +23,16 @@ from pathlib import Path
 import torch
 
 from multitoken.checkpoint import load_model
-from multitoken.eval.bench import code_prompts, format_report, plot_report, speed_report
+from multitoken.eval.bench import (
+    code_prompts,
+    copy_bandwidth,
+    format_report,
+    format_step_costs,
+    plot_report,
+    speed_report,
+    step_costs,
+)
+from multitoken.speculative import check_draft_heads
 from multitoken.generation import Llama, parse_dtype
 from multitoken.tokenizer import load_tokenizer
 
@@ -38,6 +53,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--png", type=Path, help="also draw the report as a chart")
+    p.add_argument("--compile", action="store_true", help="compiled fixed-shape decode steps (warm-up compiles)")
     a = p.parse_args()
 
     if a.threads:
@@ -56,12 +72,21 @@ def main() -> None:
     print(f"model {a.ckpt_dir}: {n_params / 1e6:.1f}M parameters, n_future_tokens={model.n_future_tokens}, "
           f"{a.dtype}, {a.device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"prompts: {source}, {a.prompt_len} tokens; {a.new_tokens} new tokens; median of {a.repeats}")
-    rows = speed_report(Llama(model, tokenizer), prompts, a.batch_sizes, a.temperatures, new_tokens=a.new_tokens,
+    llama = Llama(model, tokenizer)
+    if a.compile:
+        llama.compile()
+    print(f"decode steps: {'compiled' if a.compile else 'eager'}")
+    rows = speed_report(llama, prompts, a.batch_sizes, a.temperatures, new_tokens=a.new_tokens,
                         repeats=a.repeats, top_p=a.top_p, draft_heads=a.draft_heads, tree=a.tree)
     print()
     print(format_report(rows))
     if a.png:
         print(f"wrote {plot_report(rows, a.png)}")
+    k = check_draft_heads(model, a.draft_heads)
+    position = a.prompt_len + a.new_tokens // 2
+    costs = step_costs(llama, a.batch_sizes, min(position, model.args.max_seq_len - 1 - k), k)
+    print(f"\nstep cost at position {position}, k = {k} drafts, median of 20:")
+    print(format_step_costs(costs, copy_bandwidth(a.device)))
 
 
 if __name__ == "__main__":

@@ -164,6 +164,9 @@ def generate(
     `steps` runs the verify and draft forwards (default: eager); the prefill is always eager."""
     k = check_draft_heads(model, draft_heads)
     steps = steps or DecodeSteps(model)
+    # The last steps before max_seq_len draft fewer tokens: run them eagerly rather than compile
+    # another shape for each.
+    eager = DecodeSteps(model) if steps.compiled else steps
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
     max_seq_len = model.args.max_seq_len
@@ -205,26 +208,33 @@ def generate(
         start = torch.where(active, cur, torch.zeros_like(cur))
         inp = torch.cat([x0[:, None], drafts[:, :k_step]], dim=1)
         inp = torch.where(active[:, None], inp, torch.zeros_like(inp))
-        h, logits0 = steps.step(inp, start)  # logits0: (batch, k_step + 1, vocab)
-
-        if greedy:
-            target = logits0.argmax(-1)
-            ok = target[:, :k_step] == drafts[:, :k_step]
-            n_acc = ok.long().cumprod(1).sum(1)
-            nxt = target[rows, n_acc]
+        step = steps if k_step == k else eager
+        if greedy and not logprobs:
+            # One fused forward: verify, accept, and draft the next step at the accepted position.
+            step_tokens, n_acc, drafts = step.greedy(inp, start, k)
+            nxt = step_tokens[rows, n_acc]
         else:
-            p = probs_from_logits(logits0, temperature, top_p)
-            d = drafts[:, :k_step, None]
-            ok = accept_drafts(p[:, :k_step].gather(-1, d)[..., 0], q[:, :k_step].gather(-1, d)[..., 0],
-                               torch.rand(bsz, k_step, device=device))
-            n_acc = ok.long().cumprod(1).sum(1)
-            # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
-            q_pad = torch.cat([q[:, :k_step], torch.zeros_like(p[:, :1])], dim=1)
-            dist = torch.where((n_acc < k_step)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]), p[rows, n_acc])
-            nxt = torch.multinomial(dist, 1)[:, 0]
+            h, logits0 = step.step(inp, start)  # logits0: (batch, k_step + 1, vocab)
+            if greedy:
+                step_tokens = logits0.argmax(-1)  # accepted drafts equal the head's tokens
+                n_acc = (step_tokens[:, :k_step] == drafts[:, :k_step]).long().cumprod(1).sum(1)
+                nxt = step_tokens[rows, n_acc]
+            else:
+                p = probs_from_logits(logits0, temperature, top_p)
+                d = drafts[:, :k_step, None]
+                ok = accept_drafts(p[:, :k_step].gather(-1, d)[..., 0], q[:, :k_step].gather(-1, d)[..., 0],
+                                   torch.rand(bsz, k_step, device=device))
+                n_acc = ok.long().cumprod(1).sum(1)
+                # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
+                q_pad = torch.cat([q[:, :k_step], torch.zeros_like(p[:, :1])], dim=1)
+                dist = torch.where((n_acc < k_step)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]),
+                                   p[rows, n_acc])
+                nxt = torch.multinomial(dist, 1)[:, 0]
+                step_tokens = torch.cat([drafts[:, :k_step], torch.zeros_like(nxt[:, None])], dim=1)
+                step_tokens[rows, n_acc] = nxt
+            if not all(outputs.done):
+                drafts, q = draft(step.draft(h, start, n_acc, k))
 
-        step_tokens = torch.cat([drafts[:, :k_step], torch.zeros_like(nxt[:, None])], dim=1)
-        step_tokens[rows, n_acc] = nxt
         step_lp = token_logprobs(logits0, step_tokens) if logprobs else None
         tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
         for b in range(bsz):
@@ -239,8 +249,6 @@ def generate(
 
         cur = cur + n_acc + 1
         x0 = nxt
-        if not all(outputs.done):
-            drafts, q = draft(steps.draft(h, start, n_acc, k))
 
     tokens, lps = outputs.result(echo, prompt_logprobs)
     return tokens, lps, stats

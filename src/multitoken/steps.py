@@ -28,12 +28,14 @@ ROWWISE_MAX_ROWS = 4
 
 
 class RowwiseLinear(nn.Linear):
-    """nn.Linear whose product, for few rows, is a float32 multiply-and-sum over the weights: under
-    torch.compile on a CPU, one pass over the bf16 weights that widens and accumulates in registers."""
+    """nn.Linear whose product, for few rows and under torch.compile, is a float32 multiply-and-sum
+    over the weights: on a CPU, one pass over the bf16 weights that widens and accumulates in
+    registers. Eagerly, and for more rows, it is nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if rows > ROWWISE_MAX_ROWS or self.bias is not None:
+        # Eagerly the reduction would materialise float32 weights: only compiled is it one fused pass.
+        if not torch.compiler.is_compiling() or rows > ROWWISE_MAX_ROWS or self.bias is not None:
             return F.linear(x, self.weight, self.bias)
         # (out, rows) with the weights outermost: each weight row is read once for all rows of x.
         y = (self.weight.float()[:, None, :] * x.reshape(rows, -1).float()[None]).sum(-1)
@@ -42,7 +44,7 @@ class RowwiseLinear(nn.Linear):
 
 def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
     """Make every nn.Linear of `model` a RowwiseLinear, in place: the same parameters and state dict
-    keys, another forward (worth it only compiled, on a CPU, in bf16)."""
+    keys, another forward under torch.compile (worth it on a CPU in bf16)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = RowwiseLinear
@@ -60,12 +62,14 @@ class DecodeSteps:
         self.compiled = compile
         self.step = self._step
         self.draft = self._draft
+        self.greedy = self._greedy
         if compile:
             weight = model.tok_embeddings.weight
             if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
                 use_rowwise_matmuls(model)
             self.step = torch.compile(self._step, dynamic=False, fullgraph=True, mode=mode)
             self.draft = torch.compile(self._draft, dynamic=False, fullgraph=True, mode=mode)
+            self.greedy = torch.compile(self._greedy, dynamic=False, fullgraph=True, mode=mode)
 
     def _step(self, tokens: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (batch, seq) at positions start[b] .. start[b] + seq - 1 of each row: the trunk output
@@ -80,6 +84,18 @@ class DecodeSteps:
         output h of a `step` at `start`; the heads' keys and values are cached for every token of h."""
         pos = self.model.positions(start, h.shape[0], h.shape[1], full_cache=self.compiled)
         return draft_logits(self.model, h, pos, index, k)
+
+    def _greedy(self, tokens: torch.Tensor, start: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A greedy self-speculative step in one forward: tokens (batch, 1 + j) are each row's last token
+        and j drafts at `start`. Returns the next-token head's tokens (batch, 1 + j), of which each row
+        emits the first n_acc + 1 (accepted drafts equal the head's tokens); n_acc (batch,), the
+        drafts the head agrees with before its first disagreement; and k new drafts (batch, k) from the
+        extra heads at the last accepted position."""
+        h, logits = self._step(tokens, start)
+        target = logits.argmax(-1)
+        n_acc = (target[:, :-1] == tokens[:, 1:]).long().cumprod(1).sum(1)
+        return target, n_acc, self._draft(h, start, n_acc, k).argmax(-1)
 
 
 def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:

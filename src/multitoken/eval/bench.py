@@ -69,6 +69,7 @@ def speed_report(llama: Llama, prompts: list[list[int]], batch_sizes: Sequence[i
                  new_tokens: int = 128, repeats: int = 3, top_p: float = 0.95, draft_heads: int | None = None,
                  tree: TreeSpec | None = None, log=print) -> list[SpeedRow]:
     bench = Llama(llama.model, IgnoreEOS())
+    bench.steps = llama.steps  # compiled or eager, as the caller chose
     modes = {"plain": {}, "chain": {"speculative": True}}
     if tree is not None:
         modes["tree"] = {"tree": tree}
@@ -104,6 +105,88 @@ def speed_report(llama: Llama, prompts: list[list[int]], batch_sizes: Sequence[i
                 line += f", tree {row.tree_tps:.1f} tok/s (tau {row.tree_stats.tokens_per_forward:.2f})"
             log(line)
     return rows
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """The machine's memory copy bandwidth in bytes/s, counted as STREAM does (bytes read + bytes
+    written), copying a buffer far larger than any cache; the median of `repeats` copies."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        if src.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times[1:])
+
+
+def step_bytes(model, batch: int, tokens_cached: int, all_heads: bool) -> int:
+    """Bytes a decode step reads: the weights it uses (trunk, next-token head, final norm and output;
+    the extra heads too with `all_heads`; one embedding row per token is negligible) and every used
+    block's cached keys and values for `tokens_cached` positions of each of `batch` rows."""
+    used = [*model.layers, *(model.extra_heads if all_heads else []), model.norm, model.output]
+    weights = sum(p.numel() * p.element_size() for m in used for p in m.parameters())
+    a = model.args
+    blocks = len(model.layers) + (len(model.extra_heads) if all_heads else 0)
+    kv = 2 * blocks * batch * tokens_cached * a.n_kv_heads * a.head_dim * model.output.weight.element_size()
+    return weights + kv
+
+
+@dataclass
+class StepCost:
+    batch: int
+    plain_ms: float  # one token per row through the trunk and the next-token head
+    verify_ms: float  # 1 + k tokens per row through the trunk and the next-token head
+    spec_ms: float  # a whole greedy self-speculative step: verify, accept, draft with the extra heads
+    plain_bytes: int
+    spec_bytes: int
+
+
+def step_costs(llama: Llama, batch_sizes: Sequence[int], position: int, k: int, repeats: int = 20) -> list[StepCost]:
+    """Median times of the decode step, the verify step and the whole greedy self-speculative step
+    (with llama's steps: eager or compiled), interleaved, each row at `position` of the cache."""
+    model, steps = llama.model, llama.steps
+    device = model.tok_embeddings.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # Bytes read: compiled steps attend the whole cache, eager ones the filled part.
+    cached = model.args.max_seq_len if steps.compiled else position + 1
+    out = []
+    for bs in batch_sizes:
+        start = torch.full((bs,), position, device=device)
+        one = torch.zeros(bs, 1, dtype=torch.long, device=device)
+        many = torch.zeros(bs, 1 + k, dtype=torch.long, device=device)
+        fns = {"plain": lambda: steps.step(one, start), "verify": lambda: steps.step(many, start),
+               "spec": lambda: steps.greedy(many, start, k)}
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        with torch.inference_mode():
+            for rnd in range(repeats + 2):  # two warm-up rounds (compilation)
+                for name, fn in fns.items():
+                    sync()
+                    t = time.perf_counter()
+                    fn()
+                    sync()
+                    if rnd >= 2:
+                        times[name].append(time.perf_counter() - t)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        out.append(StepCost(bs, ms["plain"], ms["verify"], ms["spec"], step_bytes(model, bs, cached, False),
+                            step_bytes(model, bs, cached, True)))
+    return out
+
+
+def format_step_costs(costs: list[StepCost], bandwidth: float) -> str:
+    """Step times, their ratio to the decode step, and the memory bandwidth each achieves."""
+    lines = [f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write, measured in this run)",
+             f"{'batch':>5} {'step ms':>8} {'MB read':>8} {'GB/s':>6} {'of copy':>7}   {'verify ms':>9} {'ratio':>6}"
+             f"   {'spec step ms':>12} {'ratio':>6} {'MB read':>8} {'GB/s':>6}"]
+    for c in costs:
+        plain_bw, spec_bw = c.plain_bytes / c.plain_ms * 1e3, c.spec_bytes / c.spec_ms * 1e3
+        lines.append(f"{c.batch:>5} {c.plain_ms:>8.2f} {c.plain_bytes / 1e6:>8.1f} {plain_bw / 1e9:>6.1f} "
+                     f"{plain_bw / bandwidth:>7.0%}   {c.verify_ms:>9.2f} {c.verify_ms / c.plain_ms:>5.2f}x"
+                     f"   {c.spec_ms:>12.2f} {c.spec_ms / c.plain_ms:>5.2f}x {c.spec_bytes / 1e6:>8.1f} "
+                     f"{spec_bw / 1e9:>6.1f}")
+    return "\n".join(lines)
 
 
 def format_report(rows: list[SpeedRow]) -> str:

@@ -1,0 +1,80 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import random_model, tiny_args
+from multitoken.generation import Llama
+from multitoken.steps import ROWWISE_MAX_ROWS, DecodeSteps, RowwiseLinear, use_rowwise_matmuls
+from test_generation import IdTokenizer
+
+PROMPTS = [[1, 5], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 9, 9]]
+
+
+@pytest.mark.parametrize("rows", [1, 3, ROWWISE_MAX_ROWS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_rowwise_linear_computes_the_linear_map(rows, dtype, compiled):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=False).to(dtype)
+    x = torch.randn(rows, 1, 96).to(dtype)
+    expected = (x.double() @ linear.weight.double().T).to(dtype)
+    use_rowwise_matmuls(linear)
+    assert isinstance(linear, RowwiseLinear)
+    got = torch.compile(linear, dynamic=False)(x) if compiled else linear(x)
+    assert got.shape == (rows, 1, 40) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_rowwise_matmuls_keep_parameters_and_state_dict():
+    model = random_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 300, (1, 7))
+    logits = model(x, return_all_heads=True)
+    use_rowwise_matmuls(model)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    torch.testing.assert_close(model(x, return_all_heads=True), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_full_cache_positions_give_the_logits_of_the_filled_prefix():
+    model = random_model(tiny_args(n_future_tokens=3), dtype=torch.float64).eval()
+    model.setup_caches(2, 64)
+    prompt = torch.randint(0, 300, (2, 9))
+    with torch.inference_mode():
+        model(prompt, 0, return_all_heads=True)
+        start = torch.tensor([9, 5])  # row 1 re-writes positions 5..7: stale entries beyond stay hidden
+        tokens = torch.randint(0, 300, (2, 3))
+        steps = DecodeSteps(model)
+        h, logits = steps.step(tokens, start)
+        steps.compiled = True  # the compiled steps' positions, run eagerly
+        h_full, logits_full = steps.step(tokens, start)
+        torch.testing.assert_close(logits_full, logits, rtol=1e-10, atol=1e-10)
+        index = torch.tensor([2, 0])
+        torch.testing.assert_close(steps.draft(h_full, start, index, 2), DecodeSteps(model).draft(h, start, index, 2),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_decode_steps_need_caches():
+    with pytest.raises(ValueError, match="setup_caches"):
+        DecodeSteps(random_model())
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_greedy_tokens():
+    """Plain and self-speculative greedy decoding, batch 1 and a ragged batch, with compiled steps."""
+    model = random_model(tiny_args(n_layers=6, n_future_tokens=4), seed=1).eval()
+    model.setup_caches(len(PROMPTS), 64)
+    eager = Llama(model, IdTokenizer(eos_id=299, n_words=300))
+    expected = [eager.generate([p], 24, temperature=0)[0][0] for p in PROMPTS]
+    assert eager.generate(PROMPTS, 24, temperature=0, speculative=True)[0] == expected
+
+    compiled = Llama(model, eager.tokenizer).compile()
+    assert compiled.steps.compiled
+    assert [compiled.generate([p], 24, temperature=0)[0][0] for p in PROMPTS] == expected
+    assert compiled.generate(PROMPTS, 24, temperature=0)[0] == expected
+    assert compiled.generate(PROMPTS, 24, temperature=0, speculative=True)[0] == expected
+    assert [compiled.generate([p], 24, temperature=0, speculative=True)[0][0] for p in PROMPTS] == expected
+    sampled, _ = compiled.generate(PROMPTS, 24, temperature=0.8, speculative=True)
+    assert all(len(s) <= 24 and all(0 <= t < 300 for t in s) for s in sampled) and any(sampled)
