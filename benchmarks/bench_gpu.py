@@ -2,7 +2,10 @@
 of the released 7B n=4 layout (28 trunk blocks + 4 head blocks, dim 4096, bf16) plain and
 self-speculative at batch 1 and 8, and of a Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
-    python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b]
+    python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead]
+
+--compile MODE decodes with compiled fixed-shape steps (`Llama.compile(mode=MODE)`; "reduce-overhead"
+replays them as CUDA graphs), and checks their greedy exactness too.
 
 Weights are random (no checkpoint can travel to the device machine), so drafts are almost never
 accepted: the speculative rows measure the cost of one self-speculative step (k + 1 tokens through
@@ -50,8 +53,9 @@ def random_model(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype) -> T
     return model.eval()
 
 
-def check_exactness() -> bool:
-    """Greedy self-speculative == plain greedy on a small float32 model, batch 1 and 4, every k."""
+def check_exactness(compile_mode: str | None) -> bool:
+    """Greedy self-speculative == plain greedy on a small float32 model, batch 1 and 4, every k, eager
+    and (given a mode) compiled."""
     args = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, n_future_tokens=4,
                      multiple_of=64, max_seq_len=128)
     torch.manual_seed(0)
@@ -64,13 +68,19 @@ def check_exactness() -> bool:
         for k in (1, 2, 3):
             spec, _ = llama.generate(batch, 40, temperature=0, speculative=True, draft_heads=k)
             ok &= spec == plain
+        if compile_mode is not None:
+            compiled = Llama(model, IgnoreEOS()).compile(mode=compile_mode)
+            ok &= compiled.generate(batch, 40, temperature=0)[0] == plain
+            ok &= compiled.generate(batch, 40, temperature=0, speculative=True)[0] == plain
     return ok
 
 
 def time_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                speculative: bool) -> tuple[float, float]:
+                speculative: bool, compile_mode: str | None) -> tuple[float, float]:
     """(tokens/s summed over the batch, seconds per forward step), median over repeats."""
     llama = Llama(model, IgnoreEOS())
+    if compile_mode is not None:
+        llama.compile(mode=compile_mode)
     prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len)).tolist()
     run = lambda: llama.generate(prompts, new_tokens, temperature=0, speculative=speculative)  # noqa: E731
     run()  # warm-up
@@ -86,13 +96,15 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-7b", action="store_true", help="exactness check and bandwidth only")
+    p.add_argument("--compile", metavar="MODE", nargs="?", const="reduce-overhead", default=None,
+                   help="compiled fixed-shape steps with this torch.compile mode (default if given: reduce-overhead)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device: this script is for the GPU machine (CPU: bench_decode.py)")
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    exact = check_exactness()
-    print(f"greedy self-speculative == plain (batch 1 and 4, k = 1, 2, 3): {exact}")
+    exact = check_exactness(a.compile)
+    print(f"greedy self-speculative == plain (batch 1 and 4, k = 1, 2, 3; compiled: {a.compile}): {exact}")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
@@ -104,15 +116,15 @@ def main() -> None:
         head = 2 * (29 * sum(t.numel() for t in model.layers[0].parameters()) + 2 * 32000 * 4096)
         ceiling = bw / head  # bytes of the 29-block next-token path per token (embedding row ignored)
         for batch in (1, 8):
-            plain_tps, plain_step = time_decode(model, batch, a.prompt_len, a.new_tokens, a.repeats, False)
-            spec_tps, spec_step = time_decode(model, batch, a.prompt_len, a.new_tokens, a.repeats, True)
+            plain_tps, plain_step = time_decode(model, batch, a.prompt_len, a.new_tokens, a.repeats, False, a.compile)
+            spec_tps, spec_step = time_decode(model, batch, a.prompt_len, a.new_tokens, a.repeats, True, a.compile)
             rows.append(("7B n=4", batch, plain_tps, spec_step / plain_step, ceiling))
         del model
         torch.cuda.empty_cache()
         llama2 = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, n_future_tokens=1, multiple_of=256,
                            max_seq_len=seq)
         model = random_model(llama2, 8, seq, torch.bfloat16)
-        tps, _ = time_decode(model, 8, a.prompt_len, a.new_tokens, a.repeats, False)
+        tps, _ = time_decode(model, 8, a.prompt_len, a.new_tokens, a.repeats, False, a.compile)
         rows.append(("Llama-2-7B n=1", 8, tps, float("nan"), float("nan")))
     print()
     print(f"{'model':<16} {'batch':>5} {'plain tok/s':>11} {'spec step / plain step':>22} {'ceiling tok/s (b1)':>18}")

@@ -257,6 +257,37 @@ def convert(out: Path, from_hf: Path | None = None, from_gguf: Path | None = Non
     print(f"wrote {out}")
 
 
+def distill(
+    ckpt_dir: Path,
+    prompts_file: Path,
+    out: Path,
+    tokenizer_path: Path | None = None,
+    samples_per_prompt: int = 1,
+    max_gen_len: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    batch_size: int = 8,
+    chat: bool = False,
+    seed: int = 1,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """Self-distillation data: the model's own completions of the prompts, as JSONL for multitoken train
+    (then: train --from CKPT --add-heads K --freeze-trunk --data OUT)."""
+    from multitoken.generation import Llama
+    from multitoken.sampling import check_sampling_args
+    from multitoken.train.distill import self_distill
+
+    check_sampling_args(temperature, top_p)
+    prompts = _read_prompts(prompts_file)
+    llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir), max_seq_len=2048,
+                        max_batch_size=batch_size, seed=seed, device=device, dtype=dtype)
+    n = self_distill(llama, prompts, out, samples_per_prompt=samples_per_prompt, max_gen_len=max_gen_len,
+                     temperature=temperature, top_p=top_p, batch_size=batch_size,
+                     chat_template=ckpt_dir / "chat_template.jinja" if chat else None)
+    print(f"wrote {out}: {len(prompts) * samples_per_prompt} samples, {n} generated tokens")
+
+
 def eval_loss(
     ckpt_dir: Path | None = None,
     data: list[Path] | None = None,
@@ -460,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiple-of", type=int, help="round the feed-forward width up to this (default 256)")
     p.add_argument("--from", dest="init_from", type=Path, help="start from this checkpoint folder")
     p.add_argument("--add-heads", type=int, default=0, help="with --from: add K heads, copies of the next-token head")
-    p.add_argument("--freeze-trunk", action="store_true", help="with --from: train the head blocks only")
+    p.add_argument("--freeze-trunk", action="store_true", help="with --from: train the extra heads only (the model's own output stays exactly as it was)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run counts on)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -483,6 +514,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=train)
+
+    p = sub.add_parser("distill", help=distill.__doc__, description=distill.__doc__)
+    p.add_argument("--ckpt-dir", type=Path, required=True, help="the model whose own text to generate")
+    p.add_argument("--prompts-file", type=Path, required=True, help="one prompt per line (\\n stands for a newline)")
+    p.add_argument("--out", type=Path, required=True, help="JSONL file to write, one {\"text\": ...} per sample")
+    p.add_argument("--tokenizer-path", type=Path, help="default: in the checkpoint folder or its parent")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="completions sampled per prompt")
+    p.add_argument("--max-gen-len", type=int, default=256, help="most tokens per completion")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the model's chat template (CKPT/chat_template.jinja), for instruct models")
+    p.add_argument("--seed", type=int, default=1, help="random seed for sampling")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16")
+    p.set_defaults(func=distill)
 
     p = sub.add_parser("plot", help=plot.__doc__, description=plot.__doc__)
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="training runs' --out folders")

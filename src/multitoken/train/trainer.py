@@ -90,11 +90,12 @@ def load_trainable(ckpt_dir: Path, seq_len: int) -> Transformer:
 
 
 def trainable_parameters(model: Transformer, freeze_trunk: bool) -> None:
-    """--freeze-trunk trains the head blocks only; embeddings, trunk and the shared norm/output
-    projection (which the next-token head also reads) stay fixed."""
-    heads = {id(p) for h in model.heads for p in h.parameters()}
+    """--freeze-trunk trains the extra heads only: embeddings, trunk, next-token head and the shared
+    norm/output projection stay fixed, so the model's own next-token output does not change and
+    self-speculation with the new heads reproduces the original model exactly."""
+    extra = {id(p) for p in model.extra_heads.parameters()}
     for p in model.parameters():
-        p.requires_grad_(not freeze_trunk or id(p) in heads)
+        p.requires_grad_(not freeze_trunk or id(p) in extra)
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
