@@ -22,9 +22,10 @@ from torch import nn
 
 from multitoken.model import Positions, Transformer
 
-# Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU; measured
-# here (2-core AVX-512): 3.5x ATen at 1 row, even at 4, slower from 8 on.
-ROWWISE_MAX_ROWS = 4
+# Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
+# here (2-core AVX-512): 3.5x ATen's speed at 1 row, equal at 4 in isolation; but inside a whole
+# verify step (4 rows) the reductions ran 10x slower than ATen, so only single rows use them.
+ROWWISE_MAX_ROWS = 1
 
 
 class RowwiseLinear(nn.Linear):
