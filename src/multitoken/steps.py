@@ -8,10 +8,10 @@ has the same shapes: torch.compile traces each shape once, nothing is allocated 
 Python per block, and on a GPU `mode="reduce-overhead"` replays the step as a CUDA graph. Both
 compute the same function; the model itself knows nothing of compilation.
 
-On a CPU with bfloat16 weights, compiled steps also compute the matrix products of few rows as
-float32 multiply-and-sum reductions that inductor fuses with the weights' widening
-(`use_rowwise_matmuls`): ATen's bf16 matrix-vector product widens the weights in a separate pass and
-reads memory at a third of the speed. Decoding at batch 1 is bound by that speed.
+On a CPU with bfloat16 weights, compiled steps also compute single-row matrix products (batch-1
+decode steps) as float32 multiply-and-sum reductions that inductor fuses with the weights' widening
+(`use_rowwise_matmuls`): ATen's bf16 matrix-vector product reads memory at a third of the speed,
+and decoding at batch 1 is bound by that speed.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ ROWWISE_MAX_ROWS = 1
 
 
 class RowwiseLinear(nn.Linear):
-    """nn.Linear whose product, for few rows and under torch.compile, is a float32 multiply-and-sum
-    over the weights: on a CPU, one pass over the bf16 weights that widens and accumulates in
-    registers. Eagerly, and for more rows, it is nn.Linear."""
+    """nn.Linear whose product, for up to ROWWISE_MAX_ROWS rows and under torch.compile, is a float32
+    multiply-and-sum over the weights: on a CPU, one pass over the bf16 weights that widens and
+    accumulates in registers. Eagerly, and for more rows, it is nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
@@ -53,8 +53,8 @@ def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
 
 
 class DecodeSteps:
-    """`step` and `draft` for `model`, eager or compiled (`mode` is torch.compile's, e.g.
-    "reduce-overhead" for CUDA graphs on a GPU)."""
+    """`step`, `draft` and `greedy` (both fused in one graph) for `model`, eager or compiled (`mode`
+    is torch.compile's, e.g. "reduce-overhead" for CUDA graphs on a GPU)."""
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None):
         if not model.has_caches:
