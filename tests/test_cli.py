@@ -39,6 +39,18 @@ def test_generate_streams_the_same_text_as_the_api(tiny_ckpt, capsys):
     assert out == "def main():" + expected + "\n"
 
 
+@pytest.mark.slow
+def test_generate_compiled_compiles_first_and_streams_the_same_text(tiny_ckpt, capsys):
+    argv = ["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-gen-len", "12", "--max-seq-len",
+            "64", "def main():"]
+    main(argv)
+    eager = capsys.readouterr()
+    main([*argv, "--compile"])
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out
+    assert "[compiled in" in compiled.err and compiled.err.index("[compiled in") < compiled.err.index("tokens/s")
+
+
 @pytest.mark.parametrize("tree", ["5", "[[0],[1],[0,0]]"])
 def test_generate_with_a_tree_streams_the_plain_greedy_text(tiny_ckpt, capsys, tree):
     main(["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-gen-len", "12",

@@ -47,6 +47,13 @@ def generate(
     elif speculative and llama.model.n_future_tokens == 1:
         raise SystemExit(f"error: --speculative needs extra prediction heads, but {ckpt_dir} has "
                          f"n_future_tokens=1: drop --speculative, or add heads (multitoken train --add-heads K)")
+    if compile:  # compile before the first prompt, so its tokens/s is the decoding's, not the compiler's
+        print("[compiling the decode steps: once per process, a minute or more on a CPU]", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        llama.generate([llama.tokenizer.encode(prompts[0], bos=True, eos=False)], 8, temperature=temperature,
+                       top_p=top_p, speculative=speculative, draft_heads=draft_heads, tree=tree)
+        torch.manual_seed(seed)  # the warm-up drew samples: start the prompts where a plain run starts
+        print(f"[compiled in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
     for prompt in prompts:
         prompt_tokens = llama.tokenizer.encode(prompt, bos=True, eos=False)
         stream = StreamDecoder(llama.tokenizer)
