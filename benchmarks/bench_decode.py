@@ -18,26 +18,14 @@ transformers with a static cache + torch.compile.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from multitoken.checkpoint import load_model
 from multitoken.convert.hf import head_to_hf_state_dict, hf_llama_config
-from multitoken.eval.bench import IgnoreEOS, copy_bandwidth, step_bytes
+from multitoken.eval.bench import IgnoreEOS, copy_bandwidth, median_seconds, step_bytes
 from multitoken.generation import Llama, parse_dtype
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation, if any)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -96,17 +84,17 @@ def main() -> None:
                 return hf.generate(prompts.to(a.device), max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
                                    do_sample=False, **kw)
 
-        row = {"batch": bs, "ours": bs * a.new_tokens / _median_seconds(lambda: ours("eager", llama), a.repeats)}
-        row["hf"] = bs * a.new_tokens / _median_seconds(theirs, a.repeats)
+        row = {"batch": bs, "ours": bs * a.new_tokens / median_seconds(lambda: ours("eager", llama), a.repeats)}
+        row["hf"] = bs * a.new_tokens / median_seconds(theirs, a.repeats)
         hf_tokens = theirs()[:, a.prompt_len:].tolist()
         row["agree"] = _agreement(outs["eager"], hf_tokens)
         # Eager steps read the filled part of the cache, compiled ones all of it (max_seq_len).
         row["bytes"] = step_bytes(model, bs, a.prompt_len + a.new_tokens // 2, all_heads=False)
         if compiled is not None:
-            row["compiled"] = bs * a.new_tokens / _median_seconds(lambda: ours("compiled", compiled), a.repeats)
+            row["compiled"] = bs * a.new_tokens / median_seconds(lambda: ours("compiled", compiled), a.repeats)
             row["compiled_agree"] = _agreement(outs["compiled"], outs["eager"])
             row["compiled_bytes"] = step_bytes(model, bs, max_seq_len, all_heads=False)
-            t_hfc = _median_seconds(lambda: theirs(cache_implementation="static"), a.repeats)
+            t_hfc = median_seconds(lambda: theirs(cache_implementation="static"), a.repeats)
             row["hf_compiled"] = bs * a.new_tokens / t_hfc
         rows.append(row)
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from multitoken.eval.bench import IgnoreEOS
+from multitoken.eval.bench import IgnoreEOS, copy_bandwidth
 from multitoken.generation import Llama
 from multitoken.model import ModelArgs, Transformer
 
@@ -33,15 +33,6 @@ def _sync_time(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def copy_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Device memory bandwidth in bytes/s (read + write of a copy), median of 5."""
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    times = [_sync_time(lambda: b.copy_(a)) for _ in range(5)]
-    return 2 * nbytes / statistics.median(times)
 
 
 def random_model(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype) -> Transformer:
@@ -105,7 +96,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     exact = check_exactness(a.compile)
     print(f"greedy self-speculative == plain (batch 1 and 4, k = 1, 2, 3; compiled: {a.compile}): {exact}")
-    bw = copy_bandwidth()
+    bw = copy_bandwidth("cuda", 4 << 30)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
     if not a.skip_7b:

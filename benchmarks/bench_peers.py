@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from multitoken.checkpoint import load_model
-from multitoken.eval.bench import IgnoreEOS
+from multitoken.eval.bench import IgnoreEOS, median_seconds
 from multitoken.generation import Llama
 from multitoken.tokenizer import load_tokenizer
 from multitoken.train.distill import chat_formatter
@@ -70,16 +68,6 @@ def write_f16_copy(src: Path, dst: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return dst
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def llama_cpp_worker(job: dict) -> None:

@@ -107,6 +107,18 @@ def speed_report(llama: Llama, prompts: list[list[int]], batch_sizes: Sequence[i
     return rows
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn, after one warm-up call (which compiles, if anything
+    does). fn must wait for its own results (decoding does: it reads its tokens back)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """The machine's memory copy bandwidth in bytes/s, counted as STREAM does (bytes read + bytes
     written), copying a buffer far larger than any cache; the median of `repeats` copies."""
