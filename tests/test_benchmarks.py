@@ -13,3 +13,12 @@ def test_bench_decode_runs_and_both_sides_generate_the_same_tokens(tiny_ckpt):
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"]
     assert all(r[-1] == "100.0%" for r in rows), result.stdout
+
+
+def test_bench_agreement_finds_float32_speculation_exact():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_agreement.py"), "--prompts", "2", "--prompt-len", "16",
+           "--new-tokens", "12"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    f32 = [line for line in result.stdout.splitlines() if line.strip().startswith("float32")]
+    assert len(f32) == 2 and all("100.0% of positions equal, 2/2 rows identical" in line for line in f32), result.stdout
