@@ -46,7 +46,8 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--draft-heads", type=int, default=None)
+    p.add_argument("--draft-heads", type=lambda v: v if v == "auto" else int(v), default=None,
+                   help="drafts verified per step (default: all), or auto (chosen each step)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tree", type=int, default=None, help="also measure a dynamic draft tree of this many nodes")
     p.add_argument("--dtype", default="float32")
@@ -82,7 +83,7 @@ def main() -> None:
     print(format_report(rows))
     if a.png:
         print(f"wrote {plot_report(rows, a.png)}")
-    k = check_draft_heads(model, a.draft_heads)
+    k = check_draft_heads(model, None if a.draft_heads == "auto" else a.draft_heads)
     position = a.prompt_len + a.new_tokens // 2
     costs = step_costs(llama, a.batch_sizes, min(position, model.args.max_seq_len - 1 - k), k)
     print(f"\nstep cost at position {position}, k = {k} drafts, median of 20:")

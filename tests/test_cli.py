@@ -123,6 +123,11 @@ def test_generate_speculative_prints_the_same_text_and_its_statistics(tiny_ckpt,
     assert "tokens per forward" in captured.err and "acceptance by draft position [" in captured.err
     main([*args, "--speculative", "--draft-heads", "2"])
     assert capsys.readouterr().out == plain
+    main([*args, "--speculative", "--draft-heads", "auto"])
+    assert capsys.readouterr().out == plain
+    with pytest.raises(SystemExit):
+        main([*args, "--draft-heads", "most"])
+    assert "expected a number of heads such as 2, or auto, got 'most'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="draft_heads must be between 1 and 2"):
         main([*args, "--speculative", "--draft-heads", "3"])
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from conftest import random_model, tiny_args
 from multitoken import speculative
 from multitoken.generation import Llama
+from multitoken.steps import StepTimes
 from test_generation import IdTokenizer
 
 PROMPTS = [[1, 5], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 9, 9], [1, 250, 1, 2, 3, 17, 4]]
@@ -122,13 +123,15 @@ def test_trained_heads_are_used_tau_at_least_3_5():
     assert llama.last_stats.tokens_per_forward >= 3.5, llama.last_stats.summary()
 
 
-def _joint_counts(llama: Llama, speculative_on: bool, n_batches: int, bsz: int, seed: int, n: int = 3) -> torch.Tensor:
+def _joint_counts(llama: Llama, speculative_on: bool, n_batches: int, bsz: int, seed: int, n: int = 3,
+                  draft_heads=None) -> torch.Tensor:
     """Counts of each sequence of the first n sampled tokens (a draft and its verification both matter)."""
     torch.manual_seed(seed)
     vocab = llama.model.args.vocab_size
     counts = torch.zeros(vocab**n)
     for _ in range(n_batches):
-        out, _ = llama.generate([[1, 2, 3]] * bsz, n, temperature=1.0, top_p=0.95, speculative=speculative_on)
+        out, _ = llama.generate([[1, 2, 3]] * bsz, n, temperature=1.0, top_p=0.95, speculative=speculative_on,
+                                draft_heads=draft_heads)
         idx = torch.tensor([sum(t * vocab**i for i, t in enumerate(r)) for r in out])
         counts += torch.bincount(idx, minlength=vocab**n)
     return counts
@@ -159,3 +162,68 @@ def test_sampling_is_lossless_and_the_test_catches_a_wrong_acceptance_rule(monke
     monkeypatch.setattr(speculative, "accept_drafts", lambda p, q, u: torch.ones_like(p, dtype=torch.bool))
     wrong = _joint_counts(llama, True, 8, 500, seed=2)
     assert _homogeneity_p_value(plain, wrong) < 1e-6
+
+
+def test_auto_draft_count_keeps_greedy_exact_and_tries_every_count():
+    llama = _llama()
+    plain = llama.generate(PROMPTS, 30, temperature=0)[0]
+    for _ in range(2):  # the second call starts from the step times the first measured
+        assert llama.generate(PROMPTS, 30, temperature=0, speculative=True, draft_heads="auto")[0] == plain
+    assert sorted(llama.steps.step_times) == [(4, 1), (4, 2), (4, 3)]
+    assert all(t.cost > 0 for t in llama.steps.step_times.values())
+    alone = [llama.generate([p], 30, temperature=0, speculative=True, draft_heads="auto")[0][0] for p in PROMPTS]
+    assert alone == plain
+
+
+def test_auto_draft_count_sampling_is_lossless():
+    llama = _llama(n_future=3, vocab=8, max_batch_size=500, seed=3, std=0.3, dtype=torch.float32)
+    llama.tokenizer.eos_id = -1
+    plain = _joint_counts(llama, False, 8, 500, seed=1)
+    auto = _joint_counts(llama, True, 8, 500, seed=2, draft_heads="auto")
+    assert _homogeneity_p_value(plain, auto) > 1e-3
+    assert {j for _, j in llama.steps.step_times} == {1, 2}  # both counts were verified
+
+
+def _timed(costs: dict[int, float], batch: int = 1) -> dict:
+    times = {}
+    for j, cost in costs.items():
+        times[(batch, j)] = StepTimes()
+        for seconds in (100.0, cost, 2 * cost):  # the first (compiling) is dropped; the least counts
+            times[(batch, j)].add(seconds)
+    return times
+
+
+def test_draft_count_picks_most_tokens_per_second():
+    counter = speculative.DraftCount(3, 1, _timed({1: 1.0, 2: 1.2, 3: 10.0}))
+    for _ in range(50):  # every draft accepted: E(j) -> 1 + j
+        counter.observe(3, [3], None)
+    assert counter.expected_tokens(3) == pytest.approx(4, abs=0.1)
+    assert counter.choose() == 2  # 3 / 1.2 beats 2 / 1.0 and 4 / 10
+    for _ in range(50):  # now nothing is accepted: the cheapest step wins
+        counter.observe(3, [0], None)
+    assert counter.choose() == 1
+
+
+def test_draft_count_times_each_count_before_trusting_it_and_retries_stale_positions():
+    times: dict = {}
+    counter = speculative.DraftCount(2, 1, times)
+    chosen = []
+    for _ in range(4):  # each count twice (the first time includes compiling), most drafts first
+        j = counter.choose()
+        chosen.append(j)
+        counter.observe(j, [0], 0.8 + 0.2 * j)
+    assert chosen == [2, 2, 1, 1]
+    assert times[(1, 2)].cost == pytest.approx(1.2) and times[(1, 1)].cost == pytest.approx(1.0)
+    counter.observe(2, [1] * 40, None)  # position 2 always rejected: verifying one draft is faster
+    assert counter.choose() == 1
+    for _ in range(200):  # position 2 unverified: its estimate decays back toward the prior
+        counter.observe(1, [1], 1.0)
+    assert counter.choose() == 2
+
+
+def test_auto_draft_count_errors():
+    llama = _llama()
+    with pytest.raises(ValueError, match="a tree's depth is fixed"):
+        llama.generate([[1]], 4, tree=4, draft_heads="auto")
+    with pytest.raises(TypeError, match="draft_heads must be an int"):
+        llama.generate([[1]], 4, speculative=True, draft_heads="all")

@@ -23,7 +23,7 @@ def generate(
     device: str | None = None,
     dtype: str | None = None,
     speculative: bool | None = None,
-    draft_heads: int | None = None,
+    draft_heads: int | str | None = None,
     tree: int | list[list[int]] | None = None,
     compile: bool = False,
 ) -> None:
@@ -50,7 +50,9 @@ def generate(
     if compile:  # compile before the first prompt, so its tokens/s is the decoding's, not the compiler's
         print("[compiling the decode steps: once per process, a minute or more on a CPU]", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        llama.generate([llama.tokenizer.encode(prompts[0], bos=True, eos=False)], 8, temperature=temperature,
+        # "auto" times every draft count first: a longer warm-up compiles them all.
+        warmup = 32 if draft_heads == "auto" else 8
+        llama.generate([llama.tokenizer.encode(prompts[0], bos=True, eos=False)], warmup, temperature=temperature,
                        top_p=top_p, speculative=speculative, draft_heads=draft_heads, tree=tree)
         torch.manual_seed(seed)  # the warm-up drew samples: start the prompts where a plain run starts
         print(f"[compiled in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
@@ -332,7 +334,7 @@ def bench(
     prompt_len: int = 64,
     new_tokens: int = 128,
     repeats: int = 3,
-    draft_heads: int | None = None,
+    draft_heads: int | str | None = None,
     tree: int | list[list[int]] | None = None,
     png: Path | None = None,
     device: str | None = None,
@@ -386,6 +388,16 @@ def serve(
                  max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue, speculative=speculative,
                  draft_heads=draft_heads, api_key=api_key or os.environ.get("MULTITOKEN_API_KEY"),
                  model_name=model_name, shutdown_timeout=shutdown_timeout, device=device, dtype=dtype)
+
+
+def _draft_heads_arg(text: str) -> int | str:
+    """--draft-heads: a count, or "auto" (chosen each step)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of heads such as 2, or auto, got {text!r}") from None
 
 
 def _tree_arg(text: str) -> int | list[list[int]]:
@@ -446,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="self-speculative decoding: the extra heads draft, the next-token head verifies; same "
                         "output in fewer forwards (default: on for models with extra heads)")
-    p.add_argument("--draft-heads", type=int, help="extra heads that draft, 1 .. n_future_tokens-1 (default: all)")
+    p.add_argument("--draft-heads", type=_draft_heads_arg, metavar="K|auto",
+                   help="drafts verified per step, 1 .. n_future_tokens-1 (default: all), or auto: each step as many "
+                        "as are expected to decode fastest, from running acceptance rates and measured step times")
     p.add_argument("--tree", type=_tree_arg, metavar="N|PATHS",
                    help="tree drafting: verify a tree of candidates per step, a node budget N (dynamic: the most "
                         "probable paths under the heads) or rank paths as JSON, e.g. '[[0],[1],[0,0]]' (static)")
@@ -552,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (openings of the held-out stdlib modules)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median), after one warm-up round")
-    p.add_argument("--draft-heads", type=int, help="extra heads that draft (default: all)")
+    p.add_argument("--draft-heads", type=_draft_heads_arg, metavar="K|auto",
+                   help="drafts verified per step by the chain (default: all), or auto (chosen each step)")
     p.add_argument("--tree", type=_tree_arg, metavar="N|PATHS",
                    help="also measure tree drafting: a node budget N (dynamic tree) or rank paths as JSON (static)")
     p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png, or ./speed.png for the shipped model)")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from multitoken.checkpoint import load_model, read_params
 from multitoken.model import Transformer
 from multitoken.sampling import check_sampling_args, sample
-from multitoken.speculative import SpeculativeStats
+from multitoken.speculative import DraftHeads, SpeculativeStats
 from multitoken.speculative import generate as speculative_generate
 from multitoken.steps import DecodeSteps
 from multitoken.tree import TreeSpec
@@ -111,15 +111,15 @@ class Llama:
         echo: bool = False,
         on_token: Callable[[int, int], None] | None = None,
         speculative: bool = False,
-        draft_heads: int | None = None,
+        draft_heads: DraftHeads = None,
         tree: TreeSpec | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Complete a batch of token lists of any lengths; each row stops at its EOS or after
         max_gen_len tokens or at max_seq_len. `on_token(row, token)` sees each generated token as it
         is produced (EOS excluded), for streaming.
 
-        With `speculative=True` the extra heads draft (`draft_heads` of them, default all) and the
-        next-token head verifies: the same output (greedy) or output distribution (sampling) as
+        With `speculative=True` the extra heads draft (`draft_heads` of them, default all; "auto"
+        verifies each step as many as are expected to decode fastest) and the next-token head verifies: the same output (greedy) or output distribution (sampling) as
         plain decoding, in fewer forwards; `self.last_stats` then holds the acceptance statistics.
         `tree` (which implies `speculative`) verifies a tree of candidates per step instead of one
         chain: a node budget for a dynamic tree (the most probable paths under the heads) or a list
@@ -131,6 +131,9 @@ class Llama:
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         if tree is not None:
+            if draft_heads == "auto":
+                raise ValueError('draft_heads="auto" chooses the chain\'s draft count; a tree\'s depth is fixed: '
+                                 "give draft_heads as an int, or leave it out for every head")
             tokens, lps, self.last_stats = tree_generate(
                 self.model, prompt_tokens, max_gen_len, self.tokenizer.eos_id, tree=tree, temperature=temperature,
                 top_p=top_p, draft_heads=draft_heads, logprobs=logprobs, echo=echo, on_token=on_token,
@@ -208,7 +211,7 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         speculative: bool = False,
-        draft_heads: int | None = None,
+        draft_heads: DraftHeads = None,
         tree: TreeSpec | None = None,
     ) -> list[CompletionPrediction]:
         if max_gen_len is None:

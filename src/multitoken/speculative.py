@@ -13,14 +13,16 @@ attention masks hide the stale cache entries that rejected drafts leave behind.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import probs_from_logits
-from multitoken.steps import DecodeSteps, draft_logits
+from multitoken.steps import DecodeSteps, StepTimes, draft_logits
 
 
 @dataclass
@@ -46,6 +48,9 @@ class SpeculativeStats:
         return f"tokens per forward {self.tokens_per_forward:.2f}, acceptance by draft position [{rates}]"
 
 
+DraftHeads = int | Literal["auto"] | None  # a fixed count, "auto" (chosen per step) or None (all)
+
+
 def check_draft_heads(model: Transformer, draft_heads: int | None) -> int:
     n = model.n_future_tokens
     if n < 2:
@@ -55,6 +60,8 @@ def check_draft_heads(model: Transformer, draft_heads: int | None) -> int:
         )
     if draft_heads is None:
         return n - 1
+    if isinstance(draft_heads, bool) or not isinstance(draft_heads, int):
+        raise TypeError(f"draft_heads must be an int between 1 and {n - 1}, got {draft_heads!r}")
     if not 1 <= draft_heads <= n - 1:
         raise ValueError(f"draft_heads must be between 1 and {n - 1} (n_future_tokens - 1), got {draft_heads}")
     return draft_heads
@@ -72,6 +79,57 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     r = (p - q).clamp_min(0)
     total = r.sum(-1, keepdim=True)
     return torch.where(total > 0, r / total.clamp_min(1e-30), p)
+
+
+class DraftCount:
+    """`draft_heads="auto"`: how many drafts the next step verifies, the count j of most expected tokens
+    per second. A step verifying j drafts yields E(j) = 1 + sum over i <= j of a_1 * .. * a_i tokens
+    per row, a_i being draft position i's acceptance given that the drafts before it passed, and costs
+    what steps verifying (and drafting) j took at this batch size. Fewer drafts pay where they are
+    rarely accepted or where extra tokens are not nearly free (large batches on a CPU). Greedy output
+    is the same for every j; sampling keeps its distribution (j never depends on the step's draws).
+
+    Acceptance counts decay each step toward an optimistic prior (every draft accepted), so a position
+    left unverified for a while is tried again. Step times live in `times` (`DecodeSteps.step_times`,
+    shared across calls); a count is tried until it has a time (the first, which includes compiling,
+    does not count), and its cost is the least of its recent times: noise on a shared machine only
+    ever adds time."""
+
+    def __init__(self, k: int, batch: int, times: dict[tuple[int, int], StepTimes], decay: float = 0.95):
+        self.k, self.batch, self.times, self.decay = k, batch, times, decay
+        self.tested = [0.0] * k
+        self.accepted = [0.0] * k
+
+    def expected_tokens(self, j: int) -> float:
+        total, run = 1.0, 1.0
+        for i in range(j):
+            run *= (self.accepted[i] + 1) / (self.tested[i] + 1)
+            total += run
+        return total
+
+    def choose(self) -> int:
+        """The draft count for the next step."""
+        best, best_rate = self.k, -1.0
+        for j in range(self.k, 0, -1):
+            times = self.times.get((self.batch, j))
+            if times is None or times.cost is None:
+                return j  # not timed yet
+            rate = self.expected_tokens(j) / times.cost
+            if rate > best_rate:
+                best, best_rate = j, rate
+        return best
+
+    def observe(self, j: int, n_acc: list[int], seconds: float | None) -> None:
+        """A step verified j drafts, its active rows accepted n_acc, and it took `seconds` (None: a step
+        that is no sample of j's cost, e.g. one that drafted another count)."""
+        self.tested = [t * self.decay for t in self.tested]
+        self.accepted = [a * self.decay for a in self.accepted]
+        for n in n_acc:
+            for i in range(min(n + 1, j)):  # position i was tested when every draft before it passed
+                self.tested[i] += 1
+                self.accepted[i] += i < n
+        if seconds is not None:
+            self.times.setdefault((self.batch, j), StepTimes()).add(seconds)
 
 
 class Outputs:
@@ -154,18 +212,21 @@ def generate(
     *,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    draft_heads: int | None = None,
+    draft_heads: DraftHeads = None,
     logprobs: bool = False,
     echo: bool = False,
     on_token: Callable[[int, int], None] | None = None,
     steps: DecodeSteps | None = None,
 ) -> tuple[list[list[int]], list[list[float]] | None, SpeculativeStats]:
     """Self-speculative `generate` with the semantics of `Llama.generate` (prompts already checked).
-    `steps` runs the verify and draft forwards (default: eager); the prefill is always eager."""
-    k = check_draft_heads(model, draft_heads)
+    `steps` runs the verify and draft forwards (default: eager); the prefill is always eager.
+    `draft_heads="auto"` verifies, each step, the number of drafts expected to be fastest (DraftCount)."""
+    auto = draft_heads == "auto"
+    k = check_draft_heads(model, None if auto else draft_heads)
     steps = steps or DecodeSteps(model)
-    # The last steps before max_seq_len draft fewer tokens: run them eagerly rather than compile
-    # another shape for each.
+    # Compiled steps cover one shape per batch size and draft count (a step verifies as many drafts as
+    # it drafts); the others, the last steps before max_seq_len (fewer drafts fit) and "auto"'s
+    # changes of count, run eagerly rather than compile a shape for each.
     eager = DecodeSteps(model) if steps.compiled else steps
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
@@ -174,6 +235,7 @@ def generate(
     stats = SpeculativeStats(proposed=[0] * k, accepted=[0] * k)
     outputs = Outputs(model, prompt_tokens, max_gen_len, eos_id, stats, on_token)
     rows = torch.arange(bsz, device=device)
+    counter = DraftCount(k, bsz, steps.step_times) if auto else None
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         """Tokens for (batch, vocab) logits."""
@@ -182,15 +244,15 @@ def generate(
         return torch.multinomial(probs_from_logits(logits, temperature, top_p), 1).squeeze(-1)
 
     def draft(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts (batch, k) from the extra heads' logits (batch, k, vocab), and their distributions."""
+        """Drafts (batch, j) from the extra heads' logits (batch, j, vocab), and their distributions."""
         if greedy:
             return logits.argmax(-1), None
         probs = probs_from_logits(logits, temperature, top_p)
-        return torch.multinomial(probs.flatten(0, 1), 1).view(bsz, k), probs
+        return torch.multinomial(probs.flatten(0, 1), 1).view(bsz, -1), probs
 
     h, pos, last, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
     x0 = pick(logits0)
-    drafts, q = draft(draft_logits(model, h, pos, last, k))
+    drafts, q = draft(draft_logits(model, h, pos, last, counter.choose() if counter else k))
 
     first_lp = token_logprobs(logits0, x0) if logprobs else [0.0] * bsz
     x0_list = x0.tolist()
@@ -201,39 +263,41 @@ def generate(
 
     cur = last + 1  # position of each row's last produced token x0, not yet fed
     while not all(outputs.done):
+        step_start = time.perf_counter()
         active = torch.tensor([not d for d in outputs.done], device=device)
-        # A step writes positions cur .. cur + k; near the end of the cache, draft fewer.
-        k_step = min(k, max_seq_len - 1 - int(cur[active].max()))
+        # A step writes positions cur .. cur + j; near the end of the cache, verify fewer drafts.
+        j = min(drafts.shape[1], max_seq_len - 1 - int(cur[active].max()))
+        k_next = counter.choose() if counter else k  # drafts for the next step
         # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
         start = torch.where(active, cur, torch.zeros_like(cur))
-        inp = torch.cat([x0[:, None], drafts[:, :k_step]], dim=1)
+        inp = torch.cat([x0[:, None], drafts[:, :j]], dim=1)
         inp = torch.where(active[:, None], inp, torch.zeros_like(inp))
-        step = steps if k_step == k else eager
+        step = steps if j == k_next else eager
         if greedy and not logprobs:
             # One fused forward: verify, accept, and draft the next step at the accepted position.
-            step_tokens, n_acc, drafts = step.greedy(inp, start, k)
+            step_tokens, n_acc, drafts = step.greedy(inp, start, k_next)
             nxt = step_tokens[rows, n_acc]
         else:
-            h, logits0 = step.step(inp, start)  # logits0: (batch, k_step + 1, vocab)
+            h, logits0 = step.step(inp, start)  # logits0: (batch, j + 1, vocab)
             if greedy:
                 step_tokens = logits0.argmax(-1)  # accepted drafts equal the head's tokens
-                n_acc = (step_tokens[:, :k_step] == drafts[:, :k_step]).long().cumprod(1).sum(1)
+                n_acc = (step_tokens[:, :j] == drafts[:, :j]).long().cumprod(1).sum(1)
                 nxt = step_tokens[rows, n_acc]
             else:
                 p = probs_from_logits(logits0, temperature, top_p)
-                d = drafts[:, :k_step, None]
-                ok = accept_drafts(p[:, :k_step].gather(-1, d)[..., 0], q[:, :k_step].gather(-1, d)[..., 0],
-                                   torch.rand(bsz, k_step, device=device))
+                d = drafts[:, :j, None]
+                ok = accept_drafts(p[:, :j].gather(-1, d)[..., 0], q[:, :j].gather(-1, d)[..., 0],
+                                   torch.rand(bsz, j, device=device))
                 n_acc = ok.long().cumprod(1).sum(1)
                 # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
-                q_pad = torch.cat([q[:, :k_step], torch.zeros_like(p[:, :1])], dim=1)
-                dist = torch.where((n_acc < k_step)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]),
+                q_pad = torch.cat([q[:, :j], torch.zeros_like(p[:, :1])], dim=1)
+                dist = torch.where((n_acc < j)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]),
                                    p[rows, n_acc])
                 nxt = torch.multinomial(dist, 1)[:, 0]
-                step_tokens = torch.cat([drafts[:, :k_step], torch.zeros_like(nxt[:, None])], dim=1)
+                step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
                 step_tokens[rows, n_acc] = nxt
             if not all(outputs.done):
-                drafts, q = draft(step.draft(h, start, n_acc, k))
+                drafts, q = draft(step.draft(h, start, n_acc, k_next))
 
         step_lp = token_logprobs(logits0, step_tokens) if logprobs else None
         tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
@@ -241,14 +305,17 @@ def generate(
             if not active_list[b]:
                 continue
             stats.forwards += 1
-            for j in range(k_step):
-                stats.proposed[j] += 1
-                stats.accepted[j] += j < n_acc_list[b]
+            for i in range(j):
+                stats.proposed[i] += 1
+                stats.accepted[i] += i < n_acc_list[b]
             n = n_acc_list[b] + 1
             outputs.emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
 
         cur = cur + n_acc + 1
         x0 = nxt
+        if counter is not None:
+            counter.observe(j, [n for n, a in zip(n_acc_list, active_list) if a],
+                            time.perf_counter() - step_start if j == k_next else None)
 
     tokens, lps = outputs.result(echo, prompt_logprobs)
     return tokens, lps, stats

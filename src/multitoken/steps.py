@@ -16,6 +16,9 @@ and decoding at batch 1 is bound by that speed.
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +55,24 @@ def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass
+class StepTimes:
+    """Recent wall times of one step shape. The first call's is not kept: it includes compiling."""
+
+    calls: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=16))
+
+    def add(self, seconds: float) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            self.recent.append(seconds)
+
+    @property
+    def cost(self) -> float | None:
+        """The least recent time (noise only adds time), or None before a kept time."""
+        return min(self.recent) if self.recent else None
+
+
 class DecodeSteps:
     """`step`, `draft` and `greedy` (both fused in one graph) for `model`, eager or compiled (`mode`
     is torch.compile's, e.g. "reduce-overhead" for CUDA graphs on a GPU)."""
@@ -61,6 +82,9 @@ class DecodeSteps:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
         self.compiled = compile
+        # Wall times of self-speculative steps by (batch, drafts), for draft_heads="auto" (speculative.py):
+        # kept with the steps, so they are learnt once per model and machine.
+        self.step_times: dict[tuple[int, int], StepTimes] = {}
         self.step = self._step
         self.draft = self._draft
         self.greedy = self._greedy
@@ -68,6 +92,8 @@ class DecodeSteps:
             weight = model.tok_embeddings.weight
             if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
                 use_rowwise_matmuls(model)
+            # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.step = torch.compile(self._step, dynamic=False, fullgraph=True, mode=mode)
             self.draft = torch.compile(self._draft, dynamic=False, fullgraph=True, mode=mode)
             self.greedy = torch.compile(self._greedy, dynamic=False, fullgraph=True, mode=mode)

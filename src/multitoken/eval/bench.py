@@ -1,8 +1,9 @@
 """The speed report: plain vs self-speculative decoding (the chain and, given a tree, tree drafting)
 on the same model, prompts and settings.
 
-For each temperature and batch size the modes alternate (plain, chain, tree, plain, ...) so drift in
-machine speed hits all alike; each figure is the median over the timed rounds, after one warm-up
+Every batch size decodes the same prompts (batch 1 one at a time, batch 16 sixteen at once), so the
+rows compare batching and nothing else. For each temperature and batch size the modes alternate
+(plain, chain, tree, plain, ...) so drift in machine speed hits all alike; each figure is the median over the timed rounds, after one warm-up
 round. EOS is ignored, so every row generates exactly `new_tokens` tokens in every mode.
 """
 
@@ -66,36 +67,41 @@ def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
 
 
 def speed_report(llama: Llama, prompts: list[list[int]], batch_sizes: Sequence[int], temperatures: Sequence[float], *,
-                 new_tokens: int = 128, repeats: int = 3, top_p: float = 0.95, draft_heads: int | None = None,
+                 new_tokens: int = 128, repeats: int = 3, top_p: float = 0.95, draft_heads: int | str | None = None,
                  tree: TreeSpec | None = None, log=print) -> list[SpeedRow]:
     bench = Llama(llama.model, IgnoreEOS())
     bench.steps = llama.steps  # compiled or eager, as the caller chose
-    modes = {"plain": {}, "chain": {"speculative": True}}
-    if tree is not None:
-        modes["tree"] = {"tree": tree}
+    modes = {"plain": {}, "chain": {"speculative": True, "draft_heads": draft_heads}}
+    if tree is not None:  # a tree's depth is fixed: "auto" is the chain's
+        modes["tree"] = {"tree": tree, "draft_heads": None if draft_heads == "auto" else draft_heads}
     rows = []
     for temperature in temperatures:
         for bs in batch_sizes:
-            batch = prompts[:bs]
+            # Every batch size decodes the same prompts, bs at a time, so the rows differ in batching only.
+            batches = [prompts[i:i + bs] for i in range(0, len(prompts) - bs + 1, bs)]
+            if not batches:
+                raise ValueError(f"batch size {bs} needs at least {bs} prompts, got {len(prompts)}")
             times: dict[str, list[float]] = {m: [] for m in modes}
             totals: dict[str, SpeculativeStats] = {}
             identical = True
-            for rnd in range(repeats + 1):  # round 0 warms up
-                outs = {}
+            for rnd in range(repeats + 1):  # round 0 warms up (compiles), on the first batch alone
+                outs: dict[str, list] = {m: [] for m in modes}
                 for mode, kwargs in modes.items():
                     torch.manual_seed(rnd)
                     start = time.perf_counter()
-                    outs[mode], _ = bench.generate(batch, new_tokens, temperature=temperature, top_p=top_p,
-                                                   draft_heads=draft_heads, **kwargs)
+                    for batch in batches[:1] if rnd == 0 else batches:
+                        out, _ = bench.generate(batch, new_tokens, temperature=temperature, top_p=top_p, **kwargs)
+                        outs[mode] += out
+                        if rnd and mode != "plain":
+                            s = bench.last_stats
+                            _add(totals.setdefault(mode, SpeculativeStats(proposed=[0] * len(s.proposed),
+                                                                          accepted=[0] * len(s.accepted))), s)
                     if rnd:
                         times[mode].append(time.perf_counter() - start)
-                    if rnd and mode != "plain":
-                        s = bench.last_stats
-                        _add(totals.setdefault(mode, SpeculativeStats(proposed=[0] * len(s.proposed),
-                                                                      accepted=[0] * len(s.accepted))), s)
                 if rnd:
                     identical &= all(o == outs["plain"] for o in outs.values())
-            tps = {m: bs * new_tokens / statistics.median(t) for m, t in times.items()}
+            n_tokens = len(batches) * bs * new_tokens
+            tps = {m: n_tokens / statistics.median(t) for m, t in times.items()}
             row = SpeedRow(temperature, bs, tps["plain"], tps["chain"], totals["chain"],
                            identical if temperature == 0 else None, tps.get("tree"), totals.get("tree"))
             rows.append(row)
