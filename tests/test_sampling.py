@@ -39,3 +39,54 @@ def test_temperature_sharpens():
     hot, cold = probs_from_logits(logits, 2.0, 1.0), probs_from_logits(logits, 0.5, 1.0)
     assert hot[0] == pytest.approx(1 / (1 + math.exp(-0.5)))
     assert cold[0] == pytest.approx(1 / (1 + math.exp(-2.0)))
+
+
+def _reference_sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """The Llama reference's step: softmax, full sort, nucleus cut, multinomial, gather."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort[probs_sum - probs_sort > top_p] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    return torch.gather(probs_idx, -1, torch.multinomial(probs_sort, num_samples=1, generator=generator))[..., 0]
+
+
+@pytest.mark.parametrize("vocab", [300, 4096, 49152])
+def test_sample_draws_the_reference_tokens_with_or_without_the_full_sort(vocab):
+    torch.manual_seed(0)
+    fast = 0
+    for i in range(40):
+        logits = torch.randn(3, vocab) * (1, 3, 8, 12)[i % 4]
+        if i % 5 == 0:
+            logits = logits.round()  # ties, which topk and sort may order differently
+        top_p = (0.5, 0.9, 0.95)[i % 3]
+        expected = _reference_sample(logits, 0.8, top_p, torch.Generator().manual_seed(i))
+        assert torch.equal(sample(logits, 0.8, top_p, generator=torch.Generator().manual_seed(i)), expected)
+        probs = probs_from_logits(logits, 0.8, top_p)
+        assert torch.equal(probs > 0, _reference_support(logits, 0.8, top_p))
+        fast += int((probs > 0).sum(-1).max() < 64)
+    assert vocab == 300 or fast > 5  # the top-k path was taken
+
+
+def _reference_support(logits, temperature, top_p) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    keep = torch.cumsum(probs_sort, dim=-1) - probs_sort <= top_p
+    return torch.zeros_like(keep).scatter_(-1, probs_idx, keep)
+
+
+def test_draw_follows_the_distribution_and_never_draws_zeros():
+    from multitoken.sampling import draw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    counts = torch.bincount(draw(probs.expand(40_000, 6)), minlength=6).double()
+    assert counts[probs == 0].sum() == 0
+    expected = probs.double() * 40_000
+    chi2 = float(((counts - expected)[probs > 0] ** 2 / expected[probs > 0]).sum())
+    assert chi2 < 20, chi2
+    # A uniform that rounds the cumulative mass up to the total still lands on a token of mass > 0.
+    import unittest.mock
+
+    with unittest.mock.patch("torch.rand", lambda *shape, **kw: torch.ones(*shape, **kw)):
+        assert draw(probs[None]).tolist() == [4]

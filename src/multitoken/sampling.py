@@ -19,8 +19,27 @@ def check_sampling_args(temperature: float, top_p: float) -> None:
 def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities sorted in descending order with the tail beyond top_p zeroed and renormalised,
     and the vocabulary ids of that order. A token is kept while the mass before it is <= top_p, so the
-    most likely token always survives."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    most likely token always survives.
+
+    Sorting the whole vocabulary costs far more than the rest of a sampling step on a CPU (1.4 ms for
+    4 rows of 4096 here, 11 ms at 49152). Where the best few tokens already hold more than top_p, the
+    tail is cut whatever its order: then only they are sorted (topk) and the tail is zeros. The
+    result is bitwise the full sort's on every kept entry, ids included, so `sample` draws the
+    reference's tokens (ids past the kept ones differ, but they are never drawn)."""
+    vocab, probs_sort = probs.shape[-1], None
+    for k in (64, 512):
+        if k >= vocab:
+            break
+        top, top_idx = torch.topk(probs, k, dim=-1)
+        kept = top.cumsum(-1) - top <= top_p
+        # Nothing past the k-th best token is kept in any row, and no kept token ties with the next
+        # (a tie's order is the sort's own, which topk need not share).
+        if not bool(kept[..., -1].any()) and bool(((top[..., :-1] > top[..., 1:]) | ~kept[..., :-1]).all()):
+            probs_sort = torch.cat([top, top.new_zeros(*top.shape[:-1], vocab - k)], dim=-1)
+            probs_idx = torch.cat([top_idx, top_idx.new_zeros(*top_idx.shape[:-1], vocab - k)], dim=-1)
+            break
+    if probs_sort is None:
+        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
     probs_sort = probs_sort.masked_fill(mass_before > top_p, 0.0)
     return probs_sort / probs_sort.sum(dim=-1, keepdim=True), probs_idx
@@ -35,7 +54,8 @@ def probs_from_logits(
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return probs
     probs_sort, probs_idx = _top_p_sorted(probs, top_p)
-    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)
+    # scatter_add: ids past the kept ones may repeat (with zeros), and adding 0 changes nothing.
+    return torch.zeros_like(probs).scatter_add_(-1, probs_idx, probs_sort)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -51,3 +71,17 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     flat = probs_sort.reshape(-1, probs_sort.shape[-1])
     choice = torch.multinomial(flat, num_samples=1, generator=generator).view(*probs_sort.shape[:-1], 1)
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One id per row of probs (..., vocab), drawn with its probability: inverse-CDF sampling with one
+    uniform per row. torch.multinomial draws an exponential per vocabulary entry, which on a CPU costs
+    more than the rest of a sampling step (0.6 ms for 4 rows of 4096 here, 8 ms at 49152). Ids of
+    probability zero are never drawn. For the self-speculative paths, whose output must follow the
+    distribution, not the reference's draws (plain `sample` keeps those)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(*cdf.shape[:-1], 1, dtype=cdf.dtype, device=cdf.device) * cdf[..., -1:]
+    idx = torch.searchsorted(cdf, u, right=True)[..., 0]
+    # u * total can round up to the total: then the last id of positive probability, not one past it.
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(idx, last)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from multitoken.model import Positions, Transformer
-from multitoken.sampling import probs_from_logits
+from multitoken.sampling import draw, probs_from_logits
 from multitoken.steps import DecodeSteps, StepTimes, draft_logits
 
 
@@ -241,14 +241,14 @@ def generate(
         """Tokens for (batch, vocab) logits."""
         if greedy:
             return logits.argmax(-1)
-        return torch.multinomial(probs_from_logits(logits, temperature, top_p), 1).squeeze(-1)
+        return draw(probs_from_logits(logits, temperature, top_p))
 
     def draft(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts (batch, j) from the extra heads' logits (batch, j, vocab), and their distributions."""
         if greedy:
             return logits.argmax(-1), None
         probs = probs_from_logits(logits, temperature, top_p)
-        return torch.multinomial(probs.flatten(0, 1), 1).view(bsz, -1), probs
+        return draw(probs), probs
 
     h, pos, last, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
     x0 = pick(logits0)
@@ -293,7 +293,7 @@ def generate(
                 q_pad = torch.cat([q[:, :j], torch.zeros_like(p[:, :1])], dim=1)
                 dist = torch.where((n_acc < j)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]),
                                    p[rows, n_acc])
-                nxt = torch.multinomial(dist, 1)[:, 0]
+                nxt = draw(dist)
                 step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
                 step_tokens[rows, n_acc] = nxt
             if not all(outputs.done):

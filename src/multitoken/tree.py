@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from multitoken.model import Positions, Transformer
-from multitoken.sampling import probs_from_logits
+from multitoken.sampling import draw, probs_from_logits
 from multitoken.steps import draft_logits
 from multitoken.speculative import (
     Outputs,
@@ -312,7 +312,7 @@ def generate(
     outputs = Outputs(model, prompt_tokens, max_gen_len, eos_id, stats, on_token)
 
     h, pos, index, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
-    x0 = logits0.argmax(-1) if greedy else torch.multinomial(probs_from_logits(logits0, temperature, top_p), 1)[:, 0]
+    x0 = logits0.argmax(-1) if greedy else draw(probs_from_logits(logits0, temperature, top_p))
     first_lp = token_logprobs(logits0, x0) if logprobs else [0.0] * bsz
     for b, t in enumerate(x0.tolist()):
         if not outputs.done[b]:
@@ -338,7 +338,7 @@ def generate(
         else:
             p = probs_from_logits(logits0, temperature, top_p)
             path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)
-            nxt = torch.multinomial(dist, 1)[:, 0]
+            nxt = draw(dist)
         path = path[:, : int(n_acc.max()) + 1]
         n_path = path.shape[1]
 
