@@ -22,3 +22,15 @@ def test_bench_agreement_finds_float32_speculation_exact():
     assert result.returncode == 0, result.stderr
     f32 = [line for line in result.stdout.splitlines() if line.strip().startswith("float32")]
     assert len(f32) == 2 and all("100.0% of positions equal, 2/2 rows identical" in line for line in f32), result.stdout
+
+
+def test_bench_gpu_runs_on_a_cpu_with_tiny_shapes_and_finds_every_mode_exact():
+    """The GPU script is run whole on a CPU first, so a GPU session's minutes are not lost to a typo."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--device", "cpu", "--prompt-len", "8",
+           "--new-tokens", "8", "--repeats", "1", "--tree", "8"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tree 16; compiled: None): True" in result.stdout, result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("7B", "Llama"))]
+    assert [(r[0], r[2]) for r in rows] == [("7B", "1"), ("7B", "8"), ("Llama-2-7B", "8")], result.stdout
+    assert "exactness ok" in result.stdout
