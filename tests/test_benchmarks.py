@@ -34,3 +34,12 @@ def test_bench_gpu_runs_on_a_cpu_with_tiny_shapes_and_finds_every_mode_exact():
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("7B", "Llama"))]
     assert [(r[0], r[2]) for r in rows] == [("7B", "1"), ("7B", "8"), ("Llama-2-7B", "8")], result.stdout
     assert "exactness ok" in result.stdout
+
+
+def test_bench_sampling_draws_the_reference_tokens():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sampling.py"), "--vocab", "512", "4096", "--rows", "2",
+           "--repeats", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 4 and all(r[6] == "yes" for r in rows), result.stdout

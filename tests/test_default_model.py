@@ -9,8 +9,9 @@ from multitoken.eval.bench import code_prompts
 from multitoken.generation import Llama
 from multitoken.train.data import held_out_corpus
 
-# Measured on the shipped weights (float32 on CPU, docs/default_model.md): tau 1.73 on this snippet.
-TAU_FLOOR = 1.5
+# Measured on the shipped weights (float32 on CPU, docs/default_model.md): tau 2.17 on this snippet
+# (1.73 before the extra heads were self-distilled).
+TAU_FLOOR = 1.9
 SNIPPET_MODULE = "heapq"  # held out of training
 
 

@@ -16,6 +16,9 @@ def check_sampling_args(temperature: float, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+_TOP_K = 256  # candidates tried before a full sort: most top-p sets of a trained model are smaller
+
+
 def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities sorted in descending order with the tail beyond top_p zeroed and renormalised,
     and the vocabulary ids of that order. A token is kept while the mass before it is <= top_p, so the
@@ -26,10 +29,8 @@ def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torc
     tail is cut whatever its order: then only they are sorted (topk) and the tail is zeros. The
     result is bitwise the full sort's on every kept entry, ids included, so `sample` draws the
     reference's tokens (ids past the kept ones differ, but they are never drawn)."""
-    vocab, probs_sort = probs.shape[-1], None
-    for k in (64, 512):
-        if k >= vocab:
-            break
+    vocab, k, probs_sort = probs.shape[-1], _TOP_K, None
+    if k < vocab:
         top, top_idx = torch.topk(probs, k, dim=-1)
         kept = top.cumsum(-1) - top <= top_p
         # Nothing past the k-th best token is kept in any row, and no kept token ties with the next
@@ -37,7 +38,6 @@ def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torc
         if not bool(kept[..., -1].any()) and bool(((top[..., :-1] > top[..., 1:]) | ~kept[..., :-1]).all()):
             probs_sort = torch.cat([top, top.new_zeros(*top.shape[:-1], vocab - k)], dim=-1)
             probs_idx = torch.cat([top_idx, top_idx.new_zeros(*top_idx.shape[:-1], vocab - k)], dim=-1)
-            break
     if probs_sort is None:
         probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort

@@ -1,0 +1,79 @@
+"""The cost of turning logits into a token on this machine: ours beside the Llama reference's step.
+
+    python benchmarks/bench_sampling.py [--vocab 4096 32000 49152] [--rows 1 4] [--threads 2]
+
+- top-p, as `sample` runs it (`multitoken.sampling._top_p_sorted`: top-k when the best tokens hold
+  top_p, else a full sort) against the reference's full sort, on logits of a peaked distribution
+  (where the top-k path applies) and a flat one (where it falls back); the drawn tokens are checked
+  equal to the reference's, seed for seed.
+- drawing one token from a distribution: `multitoken.sampling.draw` (inverse CDF, the
+  self-speculative paths) against torch.multinomial.
+Median of --repeats calls each, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from multitoken.sampling import draw, probs_from_logits, sample
+
+
+def reference_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort[probs_sum - probs_sort > top_p] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    return torch.gather(probs_idx, -1, torch.multinomial(probs_sort, 1, generator=generator))[..., 0]
+
+
+def median_ms(fns: dict, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000, 49152])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, temperature {a.temperature}, top_p {a.top_p}")
+    print(f"{'vocab':>6} {'rows':>4} {'logits':>7}   {'reference ms':>12} {'sample ms':>9} {'ratio':>6} {'same':>5}"
+          f"   {'multinomial ms':>14} {'draw ms':>7} {'ratio':>6}")
+    for vocab in a.vocab:
+        for rows in a.rows:
+            for kind, scale in (("peaked", 12.0), ("flat", 1.0)):
+                logits = torch.randn(rows, vocab) * scale
+                same = all(torch.equal(sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(s)),
+                                       reference_sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(s)))
+                           for s in range(20))
+                probs = probs_from_logits(logits, a.temperature, a.top_p)
+                ms = median_ms({
+                    "reference": lambda: reference_sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(0)),
+                    "sample": lambda: sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(0)),
+                    "multinomial": lambda: torch.multinomial(probs, 1),
+                    "draw": lambda: draw(probs),
+                }, a.repeats)
+                print(f"{vocab:>6} {rows:>4} {kind:>7}   {ms['reference']:>12.3f} {ms['sample']:>9.3f} "
+                      f"{ms['reference'] / ms['sample']:>5.1f}x {'yes' if same else 'NO':>5}   "
+                      f"{ms['multinomial']:>14.3f} {ms['draw']:>7.3f} {ms['multinomial'] / ms['draw']:>5.1f}x")
+
+
+if __name__ == "__main__":
+    main()
