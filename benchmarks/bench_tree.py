@@ -3,10 +3,10 @@
     python benchmarks/bench_tree.py --ckpt-dir CKPT [--tokenizer-path FILE] [--prompts 4] [--trees 4 8 16]
         [--prompt-len 64] [--new-tokens 64] [--threads 1]
 
-`multitoken bench --tree N` times one prompt per batch row; one prompt on which a weak model loops
-says little about drafting, so this sums tokens, forwards and seconds over several prompts (the
-openings of held-out standard library modules). tau is exact; tokens/s is one timed pass per prompt
-after a warm-up, so noisy on a shared machine. Greedy output is checked against plain decoding.
+`multitoken bench --tree N` compares one tree with the chain at several batch sizes; this compares
+several tree budgets at batch 1, summing tokens, forwards and seconds over the prompts (the openings
+of held-out standard library modules). tau is exact; tokens/s is one timed pass per prompt after a
+warm-up, so noisy on a shared machine. Greedy output is checked against plain decoding.
 """
 
 from __future__ import annotations

@@ -221,6 +221,18 @@ def test_draft_count_times_each_count_before_trusting_it_and_retries_stale_posit
     assert counter.choose() == 2
 
 
+def test_draft_count_changes_only_for_a_clear_gain():
+    times = _timed({1: 1.0, 2: 1.45})
+    counter = speculative.DraftCount(2, 1, times)
+    for _ in range(100):  # every draft accepted: E(1) = 2, E(2) = 3
+        counter.observe(2, [2], None)
+    assert counter.choose() == 2  # 3 / 1.45 beats 2 / 1.0
+    times.update(_timed({2: 1.55}))  # now 1 draft is 3% faster: not worth a change
+    assert counter.choose() == 2
+    times.update(_timed({2: 1.7}))  # 14% faster
+    assert counter.choose() == 1
+
+
 def test_auto_draft_count_errors():
     llama = _llama()
     with pytest.raises(ValueError, match="a tree's depth is fixed"):

@@ -93,12 +93,15 @@ class DraftCount:
     left unverified for a while is tried again. Step times live in `times` (`DecodeSteps.step_times`,
     shared across calls); a count is tried until it has a time (the first, which includes compiling,
     does not count), and its cost is the least of its recent times: noise on a shared machine only
-    ever adds time."""
+    ever adds time. The count changes only for a gain of more than `margin`: a change costs an eager
+    step where steps are compiled (one graph per count, verifying as many drafts as it drafts)."""
 
-    def __init__(self, k: int, batch: int, times: dict[tuple[int, int], StepTimes], decay: float = 0.95):
-        self.k, self.batch, self.times, self.decay = k, batch, times, decay
+    def __init__(self, k: int, batch: int, times: dict[tuple[int, int], StepTimes], decay: float = 0.95,
+                 margin: float = 0.05):
+        self.k, self.batch, self.times, self.decay, self.margin = k, batch, times, decay, margin
         self.tested = [0.0] * k
         self.accepted = [0.0] * k
+        self.current: int | None = None
 
     def expected_tokens(self, j: int) -> float:
         total, run = 1.0, 1.0
@@ -109,15 +112,17 @@ class DraftCount:
 
     def choose(self) -> int:
         """The draft count for the next step."""
-        best, best_rate = self.k, -1.0
+        rates = {}
         for j in range(self.k, 0, -1):
             times = self.times.get((self.batch, j))
             if times is None or times.cost is None:
-                return j  # not timed yet
-            rate = self.expected_tokens(j) / times.cost
-            if rate > best_rate:
-                best, best_rate = j, rate
-        return best
+                self.current = j  # not timed yet
+                return j
+            rates[j] = self.expected_tokens(j) / times.cost
+        best = max(rates, key=rates.get)
+        if self.current is None or rates[best] > (1 + self.margin) * rates[self.current]:
+            self.current = best
+        return self.current
 
     def observe(self, j: int, n_acc: list[int], seconds: float | None) -> None:
         """A step verified j drafts, its active rows accepted n_acc, and it took `seconds` (None: a step
