@@ -2,9 +2,10 @@
 
     python benchmarks/bench_speculative.py --ckpt-dir CKPT [--tokenizer-path FILE]
         [--batch-sizes 1 4 16] [--temperatures 0 0.8] [--new-tokens 128] [--repeats 3] [--tree N] [--png FILE]
-        [--dtype float32] [--compile]
+        [--dtype float32] [--compile] [--draft-heads K|auto] [--prompts N]
 
-Prompts are the openings of Python standard library modules (without a tokenizer: random token ids).
+Prompts are the openings of Python standard library modules (without a tokenizer: random token ids),
+--prompts of them (default: the largest batch size), and every batch size decodes all of them.
 Prints tokens/s of each mode, the speedup, tokens per forward (tau, counting the verified token) and
 the acceptance rate of each draft position, for the chain and, with --tree, for tree drafting;
 `multitoken bench` is the same report from the CLI.
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--prompts", type=int, default=None,
+                   help="prompts every batch size decodes (default: the largest batch size)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--draft-heads", type=lambda v: v if v == "auto" else int(v), default=None,
@@ -61,18 +64,19 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     model = load_model(a.ckpt_dir, device=a.device, dtype=parse_dtype(a.dtype),
                        max_seq_len=a.prompt_len + a.new_tokens, max_batch_size=max(a.batch_sizes))
+    n_prompts = a.prompts or max(a.batch_sizes)
     tok_path = a.tokenizer_path or a.ckpt_dir / "tokenizer.model"
     if tok_path.is_file():
         tokenizer = load_tokenizer(tok_path)
-        prompts, source = code_prompts(tokenizer, max(a.batch_sizes), a.prompt_len), f"stdlib openings ({tok_path})"
+        prompts, source = code_prompts(tokenizer, n_prompts, a.prompt_len), f"stdlib openings ({tok_path})"
     else:
         g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, model.args.vocab_size, (max(a.batch_sizes), a.prompt_len), generator=g).tolist()
+        prompts = torch.randint(0, model.args.vocab_size, (n_prompts, a.prompt_len), generator=g).tolist()
         tokenizer, source = None, "random token ids (no tokenizer found)"
     n_params = sum(t.numel() for t in model.parameters())
     print(f"model {a.ckpt_dir}: {n_params / 1e6:.1f}M parameters, n_future_tokens={model.n_future_tokens}, "
           f"{a.dtype}, {a.device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"prompts: {source}, {a.prompt_len} tokens; {a.new_tokens} new tokens; median of {a.repeats}")
+    print(f"prompts: {len(prompts)} {source}, {a.prompt_len} tokens; {a.new_tokens} new tokens; median of {a.repeats}")
     llama = Llama(model, tokenizer)
     if a.compile:
         llama.compile()
