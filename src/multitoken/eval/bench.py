@@ -3,8 +3,9 @@ on the same model, prompts and settings.
 
 Every batch size decodes the same prompts (batch 1 one at a time, batch 16 sixteen at once), so the
 rows compare batching and nothing else. For each temperature and batch size the modes alternate
-(plain, chain, tree, plain, ...) so drift in machine speed hits all alike; each figure is the median over the timed rounds, after one warm-up
-round. EOS is ignored, so every row generates exactly `new_tokens` tokens in every mode.
+(plain, chain, tree, plain, ...) so drift in machine speed hits all alike; each figure is the median
+over the timed rounds, after one warm-up round. EOS is ignored, so every row generates exactly
+`new_tokens` tokens in every mode.
 """
 
 from __future__ import annotations
