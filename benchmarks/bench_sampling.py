@@ -22,7 +22,8 @@ import torch
 from multitoken.sampling import draw, probs_from_logits, sample
 
 
-def reference_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def reference_sample(logits: torch.Tensor, temperature: float, top_p: float,
+                     generator: torch.Generator) -> torch.Tensor:
     probs = torch.softmax(logits / temperature, dim=-1)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
@@ -60,13 +61,13 @@ def main() -> None:
         for rows in a.rows:
             for kind, scale in (("peaked", 12.0), ("flat", 1.0)):
                 logits = torch.randn(rows, vocab) * scale
-                same = all(torch.equal(sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(s)),
-                                       reference_sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(s)))
-                           for s in range(20))
+                seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+                same = all(torch.equal(sample(logits, a.temperature, a.top_p, seeded(s)),
+                                       reference_sample(logits, a.temperature, a.top_p, seeded(s))) for s in range(20))
                 probs = probs_from_logits(logits, a.temperature, a.top_p)
                 ms = median_ms({
-                    "reference": lambda: reference_sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(0)),
-                    "sample": lambda: sample(logits, a.temperature, a.top_p, torch.Generator().manual_seed(0)),
+                    "reference": lambda: reference_sample(logits, a.temperature, a.top_p, seeded(0)),
+                    "sample": lambda: sample(logits, a.temperature, a.top_p, seeded(0)),
                     "multinomial": lambda: torch.multinomial(probs, 1),
                     "draw": lambda: draw(probs),
                 }, a.repeats)

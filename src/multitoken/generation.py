@@ -119,8 +119,9 @@ class Llama:
         is produced (EOS excluded), for streaming.
 
         With `speculative=True` the extra heads draft (`draft_heads` of them, default all; "auto"
-        verifies each step as many as are expected to decode fastest) and the next-token head verifies: the same output (greedy) or output distribution (sampling) as
-        plain decoding, in fewer forwards; `self.last_stats` then holds the acceptance statistics.
+        verifies each step as many as are expected to decode fastest) and the next-token head
+        verifies: the same output (greedy) or output distribution (sampling) as plain decoding, in
+        fewer forwards; `self.last_stats` then holds the acceptance statistics.
         `tree` (which implies `speculative`) verifies a tree of candidates per step instead of one
         chain: a node budget for a dynamic tree (the most probable paths under the heads) or a list
         of rank paths for a static one, e.g. [[0], [1], [0, 0]] (see multitoken.tree).
