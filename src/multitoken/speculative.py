@@ -301,8 +301,7 @@ def generate(
                 nxt = draw(dist)
                 step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
                 step_tokens[rows, n_acc] = nxt
-            if not all(outputs.done):
-                drafts, q = draft(step.draft(h, start, n_acc, k_next))
+            drafts, q = draft(step.draft(h, start, n_acc, k_next))
 
         step_lp = token_logprobs(logits0, step_tokens) if logprobs else None
         tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
