@@ -3,8 +3,8 @@ on a small model, then decode speed of the released 7B n=4 layout (28 trunk bloc
 dim 4096, bf16) plain, self-speculative and with a 64-node draft tree at batch 1 and 8, and of a
 Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
-    python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead]
-        [--tree 64] [--tiny --device cpu]
+    python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
+        [--tree 64] [--batches 1 8] [--no-eager] [--matvec] [--rowwise] [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
 
@@ -18,6 +18,11 @@ step, which is what the issue's targets bound (<= 1.15x); tokens/s at a given ta
 Likewise the tree rows measure one tree step (a dynamic tree of --tree draft nodes verified in one
 forward, the accepted path compacted) relative to a plain step; tree drafting runs eagerly.
 The weight-streaming ceiling uses the GPU's measured copy bandwidth, taken in the same run.
+
+Compiled rows also give the time of the plain step function alone, replayed back to back ("graph
+step"): what the decoding loop adds to it is the host's share. --matvec times single-row bf16
+products of the 7B shapes (cuBLAS against compiled fused reductions); --rowwise adds compiled batch-1
+rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tuned).
 """
 
 from __future__ import annotations
@@ -56,9 +61,17 @@ def random_model(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype, devi
     return model.eval()
 
 
+class FixedEOS:
+    """A tokenizer stand-in whose EOS is a given token id."""
+
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+
+
 def check_exactness(compile_mode: str | None, device: str) -> bool:
     """Greedy self-speculative == plain greedy on a small float32 model: eagerly at batch 1 and 4 for
-    every k, "auto" and a 16-node tree; given a mode, compiled at batch 4 (ragged prompts) too."""
+    every k, "auto" and a 16-node tree, and with an EOS that stops rows early; given a mode, compiled
+    at batch 4 (ragged prompts) too."""
     args = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, n_future_tokens=4,
                      multiple_of=64, max_seq_len=128)
     torch.manual_seed(0)
@@ -72,30 +85,95 @@ def check_exactness(compile_mode: str | None, device: str) -> bool:
             spec, _ = llama.generate(batch, 40, temperature=0, speculative=True, draft_heads=k)
             ok &= spec == plain
         ok &= llama.generate(batch, 40, temperature=0, tree=16)[0] == plain
+    # An EOS that some rows produce: each row stops there (the GPU loop reads "all done" a step late).
+    eos = plain[0][len(plain[0]) // 2]
+    cut = [row[: row.index(eos)] if eos in row else row for row in plain]
+    stopping = Llama(model, FixedEOS(eos))
+    ok &= stopping.generate(prompts, 40, temperature=0)[0] == cut
+    ok &= stopping.generate(prompts, 40, temperature=0, speculative=True)[0] == cut
     if compile_mode is not None:
         # Batch 4 alone: each compiled shape costs a compilation, and the ragged batch is the harder case.
-        plain, _ = llama.generate(prompts, 40, temperature=0)
         compiled = Llama(model, IgnoreEOS()).compile(mode=compile_mode)
         ok &= compiled.generate(prompts, 40, temperature=0)[0] == plain
         ok &= compiled.generate(prompts, 40, temperature=0, speculative=True)[0] == plain
         ok &= compiled.generate(prompts, 40, temperature=0, speculative=True, draft_heads="auto")[0] == plain
+        compiled.tokenizer = FixedEOS(eos)
+        ok &= compiled.generate(prompts, 40, temperature=0)[0] == cut
     return ok
 
 
-def time_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                compile_mode: str | None, **mode) -> tuple[float, float]:
+def time_decode(llama: Llama, batch: int, prompt_len: int, new_tokens: int, repeats: int, **mode
+                ) -> tuple[float, float]:
     """(tokens/s summed over the batch, seconds per forward step), median over repeats; `mode` is
     generate's speculative=True or tree=N, or nothing for plain decoding."""
-    llama = Llama(model, IgnoreEOS())
-    if compile_mode is not None:
-        llama.compile(mode=compile_mode)
-    prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len)).tolist()
+    prompts = torch.randint(0, llama.model.args.vocab_size, (batch, prompt_len)).tolist()
     run = lambda: llama.generate(prompts, new_tokens, temperature=0, **mode)  # noqa: E731
     run()  # warm-up
     times = [_sync_time(run) for _ in range(repeats)]
     seconds = statistics.median(times)
     steps = llama.last_stats.forwards / batch if mode else new_tokens
     return batch * new_tokens / seconds, seconds / steps
+
+
+@torch.inference_mode()  # as generate runs: another grad mode would compile the step again
+def time_graph_step(llama: Llama, batch: int, at: int, total_len: int, drafts: int = 0, steps: int = 64) -> float:
+    """Seconds per step of `llama`'s (compiled, warmed-up) step function called back to back with no
+    decoding loop around it: the plain step, or with `drafts` the fused greedy self-speculative one."""
+    device = llama.model.tok_embeddings.weight.device
+    # Laid out as generate's inputs (a plain step's token is a column of the whole sequence), else
+    # the step's guards would compile it once more for these strides.
+    tokens = torch.zeros(batch, 1 + drafts, dtype=torch.long, device=device) if drafts else (
+        torch.zeros(batch, total_len, dtype=torch.long, device=device)[:, at : at + 1])
+    start = torch.full((batch,), at, device=device)
+    step = (lambda: llama.steps.greedy(tokens, start, drafts)) if drafts else (  # noqa: E731
+        lambda: llama.steps.step(tokens, start))
+    step()
+    return _sync_time(lambda: [step() for _ in range(steps)]) / steps
+
+
+def _time_calls(calls: list, device: str) -> float:
+    """Seconds per call of `calls` run in sequence; on a GPU captured as one CUDA graph, so launching
+    them costs nothing and the kernels alone are timed."""
+    for call in calls:
+        call()
+    if not device.startswith("cuda"):
+        return _sync_time(lambda: [call() for call in calls]) / len(calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    return statistics.median(_sync_time(graph.replay) for _ in range(5)) / len(calls)
+
+
+def time_matvec(device: str, tiny: bool) -> list[tuple[str, float, float, float]]:
+    """(shape, cuBLAS GB/s, compiled reduction GB/s, the same coordinate-descent tuned) for one-row
+    bf16 products of the 7B shapes, several weight copies in rotation so none sits in the cache."""
+    from multitoken.steps import RowwiseLinear
+
+    shapes = [(128, 128), (128, 512)] if tiny else [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 32000)]
+    rows = []
+    for d_in, d_out in shapes:
+        copies = max(2, (512 << 20) // (2 * d_in * d_out))
+        linears = [RowwiseLinear(d_in, d_out, bias=False, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, d_in, device=device, dtype=torch.bfloat16)
+        rates = []
+        for variant in ("cublas", "reduction", "tuned"):
+            import torch._inductor.config as inductor_config
+
+            inductor_config.coordinate_descent_tuning = variant == "tuned"
+            torch._dynamo.reset()
+            if variant == "cublas":
+                fn = lambda lin: torch.nn.functional.linear(x, lin.weight)  # noqa: E731
+            else:
+                fn = torch.compile(lambda lin: lin(x), dynamic=False)
+            with torch.inference_mode():
+                calls = [lambda lin=linears[i % copies]: fn(lin) for i in range(8 * copies)]
+                seconds = _time_calls(calls, device)
+            rates.append(2 * d_in * d_out / seconds / 1e9)
+        torch._inductor.config.coordinate_descent_tuning = False
+        rows.append((f"{d_in}x{d_out}", *rates))
+    return rows
 
 
 def guarded(what: str, fn, failed: list[str]):
@@ -119,6 +197,13 @@ def main() -> None:
                    help="after the eager rows, compiled rows with this torch.compile mode (default if given: "
                         "reduce-overhead, i.e. CUDA graphs)")
     p.add_argument("--tree", type=int, default=64, help="draft nodes of the timed tree (0: no tree rows)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes of the 7B n=4 rows")
+    p.add_argument("--no-eager", action="store_true", help="compiled rows only (no eager or tree rows)")
+    p.add_argument("--no-llama2", action="store_true", help="no Llama-2-7B-shaped n=1 rows")
+    p.add_argument("--matvec", action="store_true", help="time single-row bf16 products: cuBLAS vs fused reductions")
+    p.add_argument("--rowwise", action="store_true",
+                   help="with --compile: also batch-1 rows with single-row products as tuned fused reductions")
+    p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes instead of 7B: to try the script on a CPU")
     a = p.parse_args()
@@ -129,18 +214,53 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name() if cuda else a.device}, torch {torch.__version__}", flush=True)
     failed: list[str] = []
-    exact = guarded("exactness check", lambda: check_exactness(a.compile, a.device), failed)
-    print(f"greedy self-speculative == plain (batch 1 and 4; k = 1, 2, 3, auto; tree 16; compiled: {a.compile}): "
-          f"{exact}", flush=True)
+    check_mode = None if a.eager_check else a.compile
+    exact = guarded("exactness check", lambda: check_exactness(check_mode, a.device), failed)
+    print(f"greedy self-speculative == plain (batch 1 and 4; k = 1, 2, 3, auto; tree 16; EOS; compiled: "
+          f"{check_mode}): {exact}", flush=True)
     bw = copy_bandwidth(a.device, (64 << 20) if a.tiny else (4 << 30))
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    if a.matvec:
+        matvec = guarded("matvec", lambda: time_matvec(a.device, a.tiny), failed) or []
+        print(f"{'one-row bf16 product':<22} {'cuBLAS GB/s':>11} {'reduction GB/s':>14} {'tuned GB/s':>10}")
+        for shape, *rates in matvec:
+            print(f"{shape:<22} " + " ".join(f"{r:>{w}.0f}" for r, w in zip(rates, (11, 14, 10))), flush=True)
     rows = []
+    nan = float("nan")
 
     def row(*values) -> None:
         rows.append(values)
-        name, batch, path, tps, ratio, tree_ratio, ceiling = values
-        print(f"  {name} b{batch} {path}: {tps:.1f} tok/s plain, spec step {ratio:.2f}x, tree step "
+        name, batch, path, tps, graph_step, ratio, graph_ratio, tree_ratio, ceiling = values
+        print(f"  {name} b{batch} {path}: {tps:.1f} tok/s plain ({1e3 * batch / tps:.2f} ms/step, graph step "
+              f"{1e3 * graph_step:.2f} ms), spec step {ratio:.2f}x (graphs alone {graph_ratio:.2f}x), tree step "
               f"{tree_ratio:.2f}x (ceiling {ceiling:.0f} tok/s)", flush=True)
+
+    def measure(name: str, model: Transformer, batch: int, compile_mode: str | None, rowwise: bool = False,
+                speculative: bool = True, tree: int = 0, ceiling: float = nan) -> None:
+        path = "eager" if compile_mode is None else f"compiled{' rowwise' if rowwise else ''} ({compile_mode})"
+        total = a.prompt_len + a.new_tokens  # generate's token buffer: prompt and new tokens
+        what = f"{name} b{batch} {path}"
+        llama = lambda: Llama(model, IgnoreEOS()) if compile_mode is None else (  # noqa: E731
+            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None))
+        timed = lambda **mode: time_decode(llama(), batch, a.prompt_len, a.new_tokens,  # noqa: E731
+                                           a.repeats, **mode)
+        plain_llama = llama()
+        plain = guarded(f"{what} plain", lambda: time_decode(plain_llama, batch, a.prompt_len, a.new_tokens,
+                                                             a.repeats), failed)
+        graph_step = (guarded(f"{what} graph step", lambda: time_graph_step(plain_llama, batch, a.prompt_len, total),
+                              failed) if compile_mode is not None and plain else None)
+        spec_llama = llama()
+        spec = guarded(f"{what} speculative", lambda: time_decode(spec_llama, batch, a.prompt_len, a.new_tokens,
+                                                                  a.repeats, speculative=True),
+                       failed) if speculative else None
+        graph_spec = (guarded(f"{what} graph spec step", lambda: time_graph_step(
+            spec_llama, batch, a.prompt_len, total, drafts=model.n_future_tokens - 1), failed)
+            if compile_mode is not None and spec else None)
+        tree_t = guarded(f"{what} tree {tree}", lambda: timed(tree=tree), failed) if tree else None
+        if plain is not None:
+            row(name, batch, path, plain[0], graph_step or nan, spec[1] / plain[1] if spec else nan,
+                (graph_spec / graph_step) if graph_spec and graph_step else nan,
+                tree_t[1] / plain[1] if tree_t else nan, ceiling)
 
     if not a.skip_7b:
         seq = a.prompt_len + a.new_tokens + max(8, a.tree + 1)
@@ -150,35 +270,34 @@ def main() -> None:
         model = random_model(ModelArgs(**shape, n_future_tokens=4), 8, seq, dtype, a.device)
         head = 2 * ((layers - 3) * sum(t.numel() for t in model.layers[0].parameters()) + 2 * vocab * dim)
         ceiling = bw / head  # bytes of the next-token path per token (embedding row ignored)
-        # Eager first (tree steps are eager in both), then compiled: a failed compilation still leaves rows.
-        for compile_mode in (None, a.compile) if a.compile else (None,):
-            path = "eager" if compile_mode is None else f"compiled ({compile_mode})"
-            for batch in (1, 8):
-                timed = lambda **mode: time_decode(model, batch, a.prompt_len, a.new_tokens,  # noqa: E731
-                                                   a.repeats, compile_mode, **mode)
-                plain = guarded(f"7B n=4 b{batch} {path} plain", timed, failed)
-                spec = guarded(f"7B n=4 b{batch} {path} speculative", lambda: timed(speculative=True), failed)
-                tree = (guarded(f"7B n=4 b{batch} tree {a.tree}", lambda: timed(tree=a.tree), failed)
-                        if a.tree and compile_mode is None else None)
-                if plain is not None:
-                    nan = float("nan")
-                    row("7B n=4", batch, path, plain[0], spec[1] / plain[1] if spec else nan,
-                        tree[1] / plain[1] if tree else nan, ceiling)
+        # Eager first (tree steps are eager in both), then compiled, then compiled with fused reductions
+        # (which swaps the model's linear layers for good): a failed compilation still leaves rows.
+        if not a.no_eager:
+            for batch in a.batches:
+                measure("7B n=4", model, batch, None, tree=a.tree, ceiling=ceiling)
+        if a.compile:
+            for batch in a.batches:
+                measure("7B n=4", model, batch, a.compile, ceiling=ceiling)
+            if a.rowwise:
+                import torch._inductor.config as inductor_config
+
+                inductor_config.coordinate_descent_tuning = True
+                measure("7B n=4", model, 1, a.compile, rowwise=True, speculative=False, ceiling=ceiling)
+                inductor_config.coordinate_descent_tuning = False
         del model
         if cuda:
             torch.cuda.empty_cache()
-        model = random_model(ModelArgs(**shape, n_future_tokens=1), 8, seq, dtype, a.device)
-        for compile_mode in (None, a.compile) if a.compile else (None,):
-            path = "eager" if compile_mode is None else f"compiled ({compile_mode})"
-            plain = guarded(f"Llama-2-7B b8 {path}", lambda: time_decode(model, 8, a.prompt_len, a.new_tokens,
-                                                                          a.repeats, compile_mode), failed)
-            if plain is not None:
-                row("Llama-2-7B n=1", 8, path, plain[0], float("nan"), float("nan"), float("nan"))
+        if not a.no_llama2:
+            model = random_model(ModelArgs(**shape, n_future_tokens=1), 8, seq, dtype, a.device)
+            for compile_mode in ([] if a.no_eager else [None]) + ([a.compile] if a.compile else []):
+                measure("Llama-2-7B n=1", model, 8, compile_mode, speculative=False)
     print()
-    print(f"{'model':<16} {'batch':>5} {'path':<26} {'plain tok/s':>11} {'spec step / plain':>17} "
-          f"{f'tree {a.tree} step / plain':>20} {'ceiling tok/s (b1)':>18}")
-    for name, batch, path, tps, ratio, tree_ratio, ceiling in rows:
-        print(f"{name:<16} {batch:>5} {path:<26} {tps:>11.1f} {ratio:>17.2f} {tree_ratio:>20.2f} {ceiling:>18.0f}")
+    print(f"{'model':<16} {'batch':>5} {'path':<34} {'plain tok/s':>11} {'graph step ms':>13} "
+          f"{'spec step / plain':>17} {'(graphs alone)':>14} {f'tree {a.tree} step / plain':>20} "
+          f"{'ceiling tok/s (b1)':>18}")
+    for name, batch, path, tps, graph_step, ratio, graph_ratio, tree_ratio, ceiling in rows:
+        print(f"{name:<16} {batch:>5} {path:<34} {tps:>11.1f} {1e3 * graph_step:>13.2f} {ratio:>17.2f} "
+              f"{graph_ratio:>14.2f} {tree_ratio:>20.2f} {ceiling:>18.0f}")
     print("targets: 7B n=4 b1 plain >= 185 tok/s, spec step <= 1.15x plain; Llama-2-7B b8 >= 1100 tok/s; "
           f"exactness {'ok' if exact else 'FAILED'}" + ("  (--tiny: shapes are not 7B)" if a.tiny else ""))
     if failed:

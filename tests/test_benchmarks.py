@@ -30,7 +30,7 @@ def test_bench_gpu_runs_on_a_cpu_with_tiny_shapes_and_finds_every_mode_exact():
            "--new-tokens", "8", "--repeats", "1", "--tree", "8"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "tree 16; compiled: None): True" in result.stdout, result.stdout
+    assert "tree 16; EOS; compiled: None): True" in result.stdout, result.stdout
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("7B", "Llama"))]
     assert [(r[0], r[2]) for r in rows] == [("7B", "1"), ("7B", "8"), ("Llama-2-7B", "8")], result.stdout
     assert "exactness ok" in result.stdout

@@ -91,13 +91,13 @@ class Llama:
         self.last_stats: SpeculativeStats | None = None  # of the last speculative generate call
         self.steps = DecodeSteps(model)
 
-    def compile(self, mode: str | None = None) -> Llama:
+    def compile(self, mode: str | None = None, rowwise: bool | None = None) -> Llama:
         """Decode with torch.compile'd fixed-shape steps (`multitoken.steps`): one compilation per
         batch size and step length, on the first call that needs it (a minute or more on a CPU), then
         no per-step Python work that grows with the model. `mode` is torch.compile's
         ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
-        compiler's floating-point reassociation. Tree drafting stays eager."""
-        self.steps = DecodeSteps(self.model, compile=True, mode=mode)
+        compiler's floating-point reassociation. Tree drafting stays eager. `rowwise`: see DecodeSteps."""
+        self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise)
         return self
 
     @torch.inference_mode()
@@ -167,7 +167,14 @@ class Llama:
         if min_prompt_len == total_len and logprobs:
             logits = self.model(tokens, 0).squeeze(2)
             token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        for cur_pos in range(min_prompt_len, total_len):
+        # On a GPU, reading eos_reached on the host would wait for the step just queued and leave the
+        # device idle while Python queues the next: copy each step's flag to pinned memory instead and
+        # read it after the next step is queued (so at most one step runs after every row is done).
+        lagged = device.type == "cuda"
+        if lagged:
+            flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
+            flagged = [torch.cuda.Event(), torch.cuda.Event()]
+        for i, cur_pos in enumerate(range(min_prompt_len, total_len)):
             if self.steps.compiled and cur_pos - prev_pos == 1:  # every step after the prefill
                 _, logits = self.steps.step(tokens[:, prev_pos:cur_pos], torch.full((bsz,), prev_pos, device=device))
             else:
@@ -185,7 +192,14 @@ class Llama:
                     on_token(row, int(next_token[row]))
             eos_reached |= generated & (next_token == self.tokenizer.eos_id)
             prev_pos = cur_pos
-            if bool(eos_reached.all()):
+            if lagged:
+                flags[i % 2].copy_(eos_reached.all(), non_blocking=True)
+                flagged[i % 2].record()
+                if i > 0:
+                    flagged[(i - 1) % 2].synchronize()
+                    if bool(flags[(i - 1) % 2]):
+                        break
+            elif bool(eos_reached.all()):
                 break
 
         out_tokens, out_logprobs = [], []

@@ -75,9 +75,11 @@ class StepTimes:
 
 class DecodeSteps:
     """`step`, `draft` and `greedy` (both fused in one graph) for `model`, eager or compiled (`mode`
-    is torch.compile's, e.g. "reduce-overhead" for CUDA graphs on a GPU)."""
+    is torch.compile's, e.g. "reduce-overhead" for CUDA graphs on a GPU). `rowwise` makes compiled
+    single-row products fused reductions (`use_rowwise_matmuls`; default: on a CPU in bf16)."""
 
-    def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None):
+    def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
+                 rowwise: bool | None = None):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
@@ -90,7 +92,9 @@ class DecodeSteps:
         self.greedy = self._greedy
         if compile:
             weight = model.tok_embeddings.weight
-            if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            if rowwise is None:
+                rowwise = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            if rowwise:
                 use_rowwise_matmuls(model)
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
