@@ -89,6 +89,52 @@ def test_clear_errors_for_models_without_heads_and_bad_draft_counts():
         _llama(n_future=1).generate([[1]], 4, speculative=True)
 
 
+def _decode(llama: Llama, prompts, max_gen_len: int, lag: int, seed: int = 0, **kw):
+    """speculative.generate's tokens, logprobs and stats, and how many forwards it queued."""
+    calls = []
+    steps = llama.steps
+    for name in ("step", "greedy"):
+        forward = getattr(type(steps), "_" + name).__get__(steps)
+        setattr(steps, name, lambda *a, f=forward: calls.append(1) or f(*a))
+    torch.manual_seed(seed)
+    try:
+        out = speculative.generate(llama.model, prompts, max_gen_len, llama.tokenizer.eos_id, lag=lag, steps=steps,
+                                   **kw)
+    finally:
+        steps.step, steps.greedy = steps._step, steps._greedy
+    return out, len(calls)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return _train_on_a_cycle(steps=60)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0, logprobs=True, echo=True),
+                                dict(temperature=0.8, top_p=0.9), dict(temperature=0, draft_heads=2)])
+def test_queueing_a_step_before_reading_the_last_changes_nothing(kw, trained):
+    """lag=1 (a GPU's default: step t + 1 is queued before the host reads step t) gives lag 0's tokens,
+    logprobs and statistics, sampling included (same draws), with rows ending at EOS, at max_gen_len
+    and at the end of the cache, on mostly rejected and on mostly accepted drafts."""
+    llama = _llama(max_seq_len=24)
+    llama.tokenizer.eos_id = llama.generate(PROMPTS, 20, temperature=0)[0][2][4]  # row 2 stops early
+    trained_llama, cycle = trained
+    trained_llama.model.setup_caches(4, 40)  # rows reach the end of the cache with most drafts accepted
+    trained_prompts = [[cycle[i % len(cycle)] for i in range(s, s + n)] for s, n in ((0, 3), (2, 20), (5, 9))]
+    ran_ahead = 0
+    for model, prompts in ((llama, PROMPTS), (trained_llama, trained_prompts)):
+        for max_gen_len in (3, 40):
+            (t0, lp0, s0), calls0 = _decode(model, prompts, max_gen_len, lag=0, **kw)
+            (t1, lp1, s1), calls1 = _decode(model, prompts, max_gen_len, lag=1, **kw)
+            assert (t1, lp1, s1) == (t0, lp0, s0)
+            assert calls1 in (calls0, calls0 + 1)  # at most the one step queued past the end
+            ran_ahead += calls1 - calls0
+    assert ran_ahead > 0
+    echoed = kw.get("echo", False)
+    assert any(len(p) * (not echoed) + len(t) == 40 for p, t in zip(trained_prompts, t0))  # a row filled the cache
+    assert s0.tokens_per_forward > 2
+
+
 def _train_on_a_cycle(n_future=4, period=11, steps=150, seed=0) -> tuple[Llama, list[int]]:
     """A tiny n=4 model trained for a few seconds on a repeating sequence: every head can be right."""
     torch.manual_seed(seed)

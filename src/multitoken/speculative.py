@@ -14,6 +14,7 @@ attention masks hide the stale cache entries that rejected drafts leave behind.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -203,9 +204,32 @@ def prefill(model: Transformer, prompt_tokens: Sequence[Sequence[int]], logprobs
     return h, pos, last, logits0, prompt_logprobs
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> list:
-    """log softmax(logits) at `tokens`, as nested lists: logits (..., vocab), tokens (...)."""
-    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].tolist()
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at `tokens`: logits (..., vocab), tokens (...)."""
+    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+
+
+@dataclass
+class QueuedStep:
+    """A step the device has been given and whose results the host has not read yet."""
+
+    j: int  # drafts it verifies
+    k_next: int  # drafts it proposes for the next step
+    active: list[bool]  # rows it decodes for
+    results: list[torch.Tensor]  # tokens (batch, j + 1), accepted counts (batch,), [logprobs (batch, j + 1)]
+    ready: torch.cuda.Event | None  # on a GPU: when `results` have reached host memory
+    queued_at: float
+
+
+def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Host copies of device tensors, started without waiting for the device, and an event that marks
+    them complete (on a CPU: the tensors themselves, and None)."""
+    if tensors[0].device.type != "cuda":
+        return tensors, None
+    host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 @torch.inference_mode()
@@ -222,10 +246,17 @@ def generate(
     echo: bool = False,
     on_token: Callable[[int, int], None] | None = None,
     steps: DecodeSteps | None = None,
+    lag: int | None = None,
 ) -> tuple[list[list[int]], list[list[float]] | None, SpeculativeStats]:
     """Self-speculative `generate` with the semantics of `Llama.generate` (prompts already checked).
     `steps` runs the verify and draft forwards (default: eager); the prefill is always eager.
-    `draft_heads="auto"` verifies, each step, the number of drafts expected to be fastest (DraftCount)."""
+    `draft_heads="auto"` verifies, each step, the number of drafts expected to be fastest (DraftCount).
+
+    `lag` steps are queued ahead of the host's reading of their results (default: 1 on a GPU, 0
+    elsewhere). A step's inputs come from the previous step's outputs on the device, so the host can
+    queue step t + 1 before it reads step t: a GPU then never waits while the host reads accepted
+    tokens and keeps its books. A row that finished in an unread step is decoded once more, and its
+    output ignored; near the end of the cache the host reads first, so positions stay in bounds."""
     auto = draft_heads == "auto"
     k = check_draft_heads(model, None if auto else draft_heads)
     steps = steps or DecodeSteps(model)
@@ -235,6 +266,7 @@ def generate(
     eager = DecodeSteps(model) if steps.compiled else steps
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
+    lag = (1 if device.type == "cuda" else 0) if lag is None else lag
     max_seq_len = model.args.max_seq_len
     bsz = len(prompt_tokens)
     stats = SpeculativeStats(proposed=[0] * k, accepted=[0] * k)
@@ -259,7 +291,7 @@ def generate(
     x0 = pick(logits0)
     drafts, q = draft(draft_logits(model, h, pos, last, counter.choose() if counter else k))
 
-    first_lp = token_logprobs(logits0, x0) if logprobs else [0.0] * bsz
+    first_lp = token_logprobs(logits0, x0).tolist() if logprobs else [0.0] * bsz
     x0_list = x0.tolist()
     for b in range(bsz):
         if not outputs.done[b]:
@@ -267,11 +299,51 @@ def generate(
             outputs.emit(b, [x0_list[b]], [first_lp[b]])
 
     cur = last + 1  # position of each row's last produced token x0, not yet fed
+    cur_read = [len(t) for t in prompt_tokens]  # the same on the host, as of the steps read so far
+    in_flight: deque[QueuedStep] = deque()
+    last_read = 0.0
+    active_list: list[bool] = []
+
+    def read(step: QueuedStep) -> None:
+        """Emit a queued step's tokens and count its statistics, waiting for its results if need be."""
+        nonlocal last_read
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens_list, n_acc_list, *lp = (t.tolist() for t in step.results)
+        accepted = []
+        for b in range(bsz):
+            if not step.active[b]:
+                continue
+            cur_read[b] += n_acc_list[b] + 1
+            if outputs.done[b]:  # finished in a step read before this one: it ran ahead
+                continue
+            stats.forwards += 1
+            for i in range(step.j):
+                stats.proposed[i] += 1
+                stats.accepted[i] += i < n_acc_list[b]
+            n = n_acc_list[b] + 1
+            outputs.emit(b, tokens_list[b][:n], lp[0][b][:n] if logprobs else [0.0] * n)
+            accepted.append(n_acc_list[b])
+        now = time.perf_counter()
+        if counter is not None:
+            # A step's time: from its queueing, or from the previous read when it was queued before that
+            # (then the two overlapped, and the interval between reads is what it cost).
+            counter.observe(step.j, accepted, now - max(step.queued_at, last_read) if step.j == step.k_next else None)
+        last_read = now
+
     while not all(outputs.done):
-        step_start = time.perf_counter()
-        active = torch.tensor([not d for d in outputs.done], device=device)
-        # A step writes positions cur .. cur + j; near the end of the cache, verify fewer drafts.
-        j = min(drafts.shape[1], max_seq_len - 1 - int(cur[active].max()))
+        queued_at = time.perf_counter()
+        # A step writes positions cur .. cur + j; near the end of the cache, verify fewer drafts. Steps
+        # not read yet may have moved a row by up to their j + 1.
+        furthest = max(cur_read[b] + sum(s.j + 1 for s in in_flight if s.active[b])
+                       for b in range(bsz) if not outputs.done[b])
+        j = min(drafts.shape[1], max_seq_len - 1 - furthest)
+        if in_flight and j < drafts.shape[1]:
+            read(in_flight.popleft())  # read first: the true positions may leave room for every draft
+            continue
+        if active_list != [not d for d in outputs.done]:
+            active_list = [not d for d in outputs.done]
+            active = torch.tensor(active_list).to(device, non_blocking=True)
         k_next = counter.choose() if counter else k  # drafts for the next step
         # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
         start = torch.where(active, cur, torch.zeros_like(cur))
@@ -303,23 +375,12 @@ def generate(
                 step_tokens[rows, n_acc] = nxt
             drafts, q = draft(step.draft(h, start, n_acc, k_next))
 
-        step_lp = token_logprobs(logits0, step_tokens) if logprobs else None
-        tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
-        for b in range(bsz):
-            if not active_list[b]:
-                continue
-            stats.forwards += 1
-            for i in range(j):
-                stats.proposed[i] += 1
-                stats.accepted[i] += i < n_acc_list[b]
-            n = n_acc_list[b] + 1
-            outputs.emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
-
+        results = [step_tokens, n_acc] + ([token_logprobs(logits0, step_tokens)] if logprobs else [])
+        in_flight.append(QueuedStep(j, k_next, active_list, *to_host(results), queued_at))
         cur = cur + n_acc + 1
         x0 = nxt
-        if counter is not None:
-            counter.observe(j, [n for n, a in zip(n_acc_list, active_list) if a],
-                            time.perf_counter() - step_start if j == k_next else None)
+        while len(in_flight) > lag:
+            read(in_flight.popleft())
 
     tokens, lps = outputs.result(echo, prompt_logprobs)
     return tokens, lps, stats

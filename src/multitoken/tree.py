@@ -313,7 +313,7 @@ def generate(
 
     h, pos, index, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
     x0 = logits0.argmax(-1) if greedy else draw(probs_from_logits(logits0, temperature, top_p))
-    first_lp = token_logprobs(logits0, x0) if logprobs else [0.0] * bsz
+    first_lp = token_logprobs(logits0, x0).tolist() if logprobs else [0.0] * bsz
     for b, t in enumerate(x0.tolist()):
         if not outputs.done[b]:
             stats.forwards += 1
@@ -344,7 +344,7 @@ def generate(
 
         step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
         step_tokens[rows, n_acc] = nxt
-        step_lp = token_logprobs(logits0[rows[:, None], path], step_tokens) if logprobs else None
+        step_lp = token_logprobs(logits0[rows[:, None], path], step_tokens).tolist() if logprobs else None
         tree_depth = t.depth.max(1).values.tolist()
         tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
         for b in range(bsz):
