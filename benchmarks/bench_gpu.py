@@ -4,7 +4,8 @@ dim 4096, bf16) plain, self-speculative and with a 64-node draft tree at batch 1
 Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
     python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
-        [--tree 64] [--batches 1 8] [--no-eager] [--matvec] [--rowwise] [--tiny --device cpu]
+        [--tree 64] [--batches 1 8] [--no-eager] [--matvec] [--rowwise] [--inductor KEY=VALUE ...]
+        [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
 
@@ -28,11 +29,13 @@ rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tu
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 import time
 import traceback
 
 import torch
+import torch._inductor.config as inductor_config
 
 from multitoken.eval.bench import IgnoreEOS, copy_bandwidth
 from multitoken.generation import Llama
@@ -159,8 +162,6 @@ def time_matvec(device: str, tiny: bool) -> list[tuple[str, float, float, float]
         x = torch.randn(1, d_in, device=device, dtype=torch.bfloat16)
         rates = []
         for variant in ("cublas", "reduction", "tuned"):
-            import torch._inductor.config as inductor_config
-
             inductor_config.coordinate_descent_tuning = variant == "tuned"
             torch._dynamo.reset()
             if variant == "cublas":
@@ -171,7 +172,7 @@ def time_matvec(device: str, tiny: bool) -> list[tuple[str, float, float, float]
                 calls = [lambda lin=linears[i % copies]: fn(lin) for i in range(8 * copies)]
                 seconds = _time_calls(calls, device)
             rates.append(2 * d_in * d_out / seconds / 1e9)
-        torch._inductor.config.coordinate_descent_tuning = False
+        inductor_config.coordinate_descent_tuning = False
         rows.append((f"{d_in}x{d_out}", *rates))
     return rows
 
@@ -203,11 +204,18 @@ def main() -> None:
     p.add_argument("--matvec", action="store_true", help="time single-row bf16 products: cuBLAS vs fused reductions")
     p.add_argument("--rowwise", action="store_true",
                    help="with --compile: also batch-1 rows with single-row products as tuned fused reductions")
+    p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="torch._inductor.config settings for the compiled rows, e.g. coordinate_descent_tuning=True")
     p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes instead of 7B: to try the script on a CPU")
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
+    for setting in a.inductor:
+        key, _, value = setting.partition("=")
+        if not hasattr(inductor_config, key):
+            raise SystemExit(f"error: torch._inductor.config has no setting {key!r}")
+        setattr(inductor_config, key, ast.literal_eval(value))
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device: this script is for the GPU machine (CPU: bench_decode.py, "
                          "or --tiny --device cpu to try this script)")
@@ -279,11 +287,10 @@ def main() -> None:
             for batch in a.batches:
                 measure("7B n=4", model, batch, a.compile, ceiling=ceiling)
             if a.rowwise:
-                import torch._inductor.config as inductor_config
-
+                tuning = inductor_config.coordinate_descent_tuning
                 inductor_config.coordinate_descent_tuning = True
                 measure("7B n=4", model, 1, a.compile, rowwise=True, speculative=False, ceiling=ceiling)
-                inductor_config.coordinate_descent_tuning = False
+                inductor_config.coordinate_descent_tuning = tuning
         del model
         if cuda:
             torch.cuda.empty_cache()

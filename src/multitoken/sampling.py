@@ -28,9 +28,10 @@ def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torc
     4 rows of 4096 here, 11 ms at 49152). Where the best few tokens already hold more than top_p, the
     tail is cut whatever its order: then only they are sorted (topk) and the tail is zeros. The
     result is bitwise the full sort's on every kept entry, ids included, so `sample` draws the
-    reference's tokens (ids past the kept ones differ, but they are never drawn)."""
+    reference's tokens (ids past the kept ones differ, but they are never drawn). On a GPU the sort
+    is cheap and the check would make the host wait for the device, so it always sorts there."""
     vocab, k, probs_sort = probs.shape[-1], _TOP_K, None
-    if 4 * k <= vocab:  # on a small vocabulary the full sort is as cheap
+    if 4 * k <= vocab and probs.device.type == "cpu":  # on a small vocabulary the full sort is as cheap
         top, top_idx = torch.topk(probs, k, dim=-1)
         kept = top.cumsum(-1) - top <= top_p
         # Nothing past the k-th best token is kept in any row, and no kept token ties with the next
