@@ -1,12 +1,14 @@
 """Chain vs tree drafting at batch 1, greedy, over several prompts, modes interleaved per prompt.
 
     python benchmarks/bench_tree.py --ckpt-dir CKPT [--tokenizer-path FILE] [--prompts 4] [--trees 4 8 16]
-        [--prompt-len 64] [--new-tokens 64] [--threads 1]
+        [--prompt-len 64] [--new-tokens 64] [--threads 1] [--compile]
 
 `multitoken bench --tree N` compares one tree with the chain at several batch sizes; this compares
 several tree budgets at batch 1, summing tokens, forwards and seconds over the prompts (the openings
 of held-out standard library modules). tau is exact; tokens/s is one timed pass per prompt after a
-warm-up, so noisy on a shared machine. Greedy output is checked against plain decoding.
+warm-up, so noisy on a shared machine. Greedy output is checked against plain decoding. With
+--compile every mode decodes with compiled steps (the chain's fused step, the tree's
+`greedy_tree_step`), each compiled in a warm-up before timing.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="compiled fixed-shape steps for every mode")
     a = p.parse_args()
 
     if a.threads:
@@ -44,6 +47,10 @@ def main() -> None:
                            a.prompt_len)
     llama = Llama(model, IgnoreEOS())
     modes = {"plain": {}, "chain": {"speculative": True}, **{f"tree {n}": {"tree": n} for n in a.trees}}
+    if a.compile:
+        llama.compile()
+        for kwargs in modes.values():  # compile every mode's graphs before timing
+            llama.generate([prompts[0]], 8, temperature=0, **kwargs)
     seconds, tokens, forwards = ({m: 0.0 for m in modes} for _ in range(3))
     identical = True
     for prompt in prompts:
@@ -59,7 +66,7 @@ def main() -> None:
             forwards[mode] += llama.last_stats.forwards if kwargs else len(out[0])
 
     print(f"{a.ckpt_dir}: batch 1, greedy, {len(prompts)} prompts of {a.prompt_len} tokens, {a.new_tokens} new "
-          f"tokens each, {a.device} {a.dtype}, threads {torch.get_num_threads()}")
+          f"tokens each, {a.device} {a.dtype}, threads {torch.get_num_threads()}{', compiled' if a.compile else ''}")
     plain_tps = tokens["plain"] / seconds["plain"]
     print(f"{'mode':<8} {'tok/s':>7} {'speedup':>8} {'tau':>5}")
     for mode in modes:

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from multitoken import tree as tree_mod
+from multitoken.generation import Llama
+from multitoken.steps import DecodeSteps
 from multitoken.tree import Tree, best_tree, close_paths, static_tree, tree_positions
 from test_speculative import PROMPTS, _homogeneity_p_value, _llama
 
@@ -193,3 +195,45 @@ def test_the_statistical_test_catches_wrong_sibling_rules(sampler, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(tree_mod, "accept_drafts", lambda p, q, u: torch.ones_like(p, dtype=torch.bool))
     assert _homogeneity_p_value(plain, _joint_counts(sampler, 6, 8, 500, seed=2, top_p=0.95)) < 1e-6
+
+
+class _FusedEagerly(DecodeSteps):
+    """Decode steps that take the compiled paths (full-cache masks, the fused tree step) uncompiled."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.compiled = True
+        self.calls = 0
+
+    def compile_fn(self, fn):
+        def counted(*args):
+            self.calls += 1
+            return fn(*args)
+        return counted
+
+
+@pytest.mark.parametrize("tree", TREES, ids=str)
+@pytest.mark.parametrize("vocab", [300, 12])
+def test_fused_tree_step_gives_plain_greedy_tokens(tree, vocab):
+    """The fixed-shape step that compiled decoding runs (verify, accept, compact, draft the next tree
+    in one function), batched and alone, over poisoned caches and up to the end of the cache."""
+    llama, prompts = _small_vocab(vocab, max_seq_len=64)
+    plain = llama.generate(prompts, 60, temperature=0)[0]
+    assert any(len(p) + len(r) == 64 for p, r in zip(prompts, plain))  # a row reaches the end of the cache
+    _poison_caches(llama)
+    steps = _FusedEagerly(llama.model)
+    eos = llama.tokenizer.eos_id
+    assert tree_mod.generate(llama.model, prompts, 60, eos, tree=tree, steps=steps)[0] == plain
+    assert [tree_mod.generate(llama.model, [p], 60, eos, tree=tree, steps=steps)[0][0] for p in prompts] == plain
+    assert steps.calls > 0
+
+
+@pytest.mark.slow
+def test_compiled_tree_decoding_gives_plain_greedy_tokens():
+    llama, prompts = _small_vocab(12, dtype=torch.float32)
+    plain = llama.generate(prompts, 24, temperature=0)[0]
+    compiled = Llama(llama.model, llama.tokenizer).compile()
+    assert compiled.generate(prompts, 24, temperature=0, tree=16)[0] == plain
+    assert compiled.generate(prompts, 24, temperature=0, tree=STATIC)[0] == plain
+    assert tree_mod.greedy_tree_step in compiled.steps._compiled_fns
+    assert compiled.last_stats.tokens_per_forward > 1.2  # drafts were accepted, paths compacted

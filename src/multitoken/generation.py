@@ -96,7 +96,8 @@ class Llama:
         batch size and step length, on the first call that needs it (a minute or more on a CPU), then
         no per-step Python work that grows with the model. `mode` is torch.compile's
         ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
-        compiler's floating-point reassociation. Tree drafting stays eager. `rowwise`: see DecodeSteps."""
+        compiler's floating-point reassociation. Greedy tree steps compile too (tree.greedy_tree_step).
+        `rowwise`: see DecodeSteps."""
         self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise)
         return self
 
@@ -138,6 +139,7 @@ class Llama:
             tokens, lps, self.last_stats = tree_generate(
                 self.model, prompt_tokens, max_gen_len, self.tokenizer.eos_id, tree=tree, temperature=temperature,
                 top_p=top_p, draft_heads=draft_heads, logprobs=logprobs, echo=echo, on_token=on_token,
+                steps=self.steps,
             )
             return tokens, lps
         if speculative:

@@ -90,6 +90,8 @@ class DecodeSteps:
         self.step = self._step
         self.draft = self._draft
         self.greedy = self._greedy
+        self.mode = mode
+        self._compiled_fns: dict = {}
         if compile:
             weight = model.tok_embeddings.weight
             if rowwise is None:
@@ -101,6 +103,15 @@ class DecodeSteps:
             self.step = torch.compile(self._step, dynamic=False, fullgraph=True, mode=mode)
             self.draft = torch.compile(self._draft, dynamic=False, fullgraph=True, mode=mode)
             self.greedy = torch.compile(self._greedy, dynamic=False, fullgraph=True, mode=mode)
+
+    def compile_fn(self, fn):
+        """`fn` compiled as these steps are (once per function), for fused forwards defined beside the
+        decoding loops that use them (tree.greedy_tree_step); `fn` itself for eager steps."""
+        if not self.compiled:
+            return fn
+        if fn not in self._compiled_fns:
+            self._compiled_fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True, mode=self.mode)
+        return self._compiled_fns[fn]
 
     def _step(self, tokens: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (batch, seq) at positions start[b] .. start[b] + seq - 1 of each row: the trunk output

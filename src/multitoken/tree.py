@@ -43,7 +43,7 @@ import torch
 
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import draw, probs_from_logits
-from multitoken.steps import draft_logits
+from multitoken.steps import DecodeSteps, draft_logits
 from multitoken.speculative import (
     Outputs,
     SpeculativeStats,
@@ -76,12 +76,14 @@ class Tree:
         return Tree(self.parent[:, :n], self.depth[:, :n], self.rank[:, :n],
                     None if self.tokens is None else self.tokens[:, :n])
 
-    def ancestors(self) -> torch.Tensor:
-        """(batch, nodes, nodes) bool: [b, i, j] is True when node j is node i or one of its ancestors."""
+    def ancestors(self, max_depth: int | None = None) -> torch.Tensor:
+        """(batch, nodes, nodes) bool: [b, i, j] is True when node j is node i or one of its ancestors.
+        `max_depth` bounds the depth without reading it from the device (as a compiled step needs)."""
         bsz, n = self.parent.shape
         anc = torch.zeros(bsz, n, n, dtype=torch.bool, device=self.parent.device)
         node = torch.arange(n, device=self.parent.device).expand(bsz, n)
-        for _ in range(int(self.depth.max()) + 1):  # climb to the root, marking every node passed
+        climbs = int(self.depth.max()) + 1 if max_depth is None else max_depth + 1
+        for _ in range(climbs):  # climb to the root, marking every node passed
             anc.scatter_(2, node[..., None], True)
             node = self.parent.gather(1, node)
         return anc
@@ -209,35 +211,40 @@ class TreeDrafter:
         return tree, q
 
 
-def tree_positions(model: Transformer, tree: Tree, start: torch.Tensor) -> Positions:
+def tree_positions(model: Transformer, tree: Tree, start: torch.Tensor, max_depth: int | None = None) -> Positions:
     """Node i of row b in cache slot start[b] + i, rotated as position start[b] + depth, seeing the
-    row's cache before start[b] and its own ancestors."""
+    row's cache before start[b] and its own ancestors. Given `max_depth` (a compiled step), the mask
+    spans the whole cache and nothing is read from the device: the caller keeps the tree in bounds."""
     bsz, n = tree.parent.shape
     slots = start[:, None] + torch.arange(n, device=start.device)
-    end = int(slots.max()) + 1
+    end = int(slots.max()) + 1 if max_depth is None else model.args.max_seq_len
     rel = torch.arange(end, device=start.device) - start[:, None]  # (batch, end): the node in each slot
     in_tree = (rel >= 0) & (rel < n)
-    sees = tree.ancestors().gather(2, rel.clamp(0, n - 1)[:, None, :].expand(bsz, n, end))
+    sees = tree.ancestors(max_depth).gather(2, rel.clamp(0, n - 1)[:, None, :].expand(bsz, n, end))
     mask = (rel < 0)[:, None, :] | (sees & in_tree[:, None, :])
+    if max_depth is not None:
+        return Positions(slots, model.rope[start[:, None] + tree.depth], mask.unsqueeze(1))
     return model.positions_at(slots, start[:, None] + tree.depth, mask)
 
 
-def accept_greedy(tree: Tree, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The accepted path (batch, max depth + 1) of node indices, root first, and its draft count
+def accept_greedy(tree: Tree, target: torch.Tensor, max_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted path (batch, depth + 1) of node indices, root first, and its draft count
     (batch,), given the next-token head's argmax at every node (batch, nodes). A node passes when
     its token is the argmax at its parent; the deepest node whose whole path passes is kept (siblings
-    hold distinct tokens, so it is unique). Past a row's draft count the path repeats padding."""
+    hold distinct tokens, so it is unique). Past a row's draft count the path repeats padding. The
+    depth is the tree's, or `max_depth` if given (then nothing is read from the device)."""
     n = tree.size
     rows = torch.arange(tree.parent.shape[0], device=target.device)
     passes = tree.tokens == target.gather(1, tree.parent)
     passes[:, 0] = True
-    anc = tree.ancestors()
+    anc = tree.ancestors(max_depth)
     on_path = ~(anc & ~passes[:, None, :]).any(-1)
     best = torch.where(on_path, tree.depth, -1).argmax(1)
     n_acc = tree.depth[rows, best]
     # Ancestors in index order are in depth order: parents come first.
     ar = torch.arange(n, device=target.device)
-    path = torch.where(anc[rows, best], ar, n).sort(1).values[:, : int(tree.depth.max()) + 1]
+    width = int(tree.depth.max()) + 1 if max_depth is None else max_depth + 1
+    path = torch.where(anc[rows, best], ar, n).sort(1).values[:, :width]
     return path.clamp_max(n - 1), n_acc
 
 
@@ -284,6 +291,34 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
     return torch.stack(path, 1), tree.depth[rows, node], dist
 
 
+def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Tensor, parent: torch.Tensor,
+                     depth: torch.Tensor, rank: torch.Tensor, start: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One greedy tree step with every shape fixed by the tree's size, for compiling: verify the tree
+    (tokens, parent, depth, rank: (batch, nodes)) at slots start[b] onwards, accept, compact the
+    accepted path's keys/values, run the extra heads on it and draft the next tree. Returns the
+    step's tokens (batch, depth + 1), of which each row emits the first n_acc + 1; n_acc (batch,);
+    and the next tree's tokens, parent, depth and rank. Padding past a row's accepted path is
+    compacted and fed to the extra heads too, into slots past the row's end, which masks hide until
+    later steps overwrite them."""
+    width = min(drafter.depth, drafter.budget)  # the deepest a tree of this budget gets
+    t = Tree(parent, depth, rank, tokens)
+    tpos = tree_positions(model, t, start, max_depth=width)
+    h = model.forward_trunk(tokens, tpos)
+    target = model.logits(model.forward_head(0, h, tpos)).argmax(-1)
+    path, n_acc = accept_greedy(t, target, max_depth=width)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    nxt = target[rows, path[rows, n_acc]]
+    step_tokens = torch.cat([tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
+    step_tokens[rows, n_acc] = nxt
+    slots = torch.arange(width + 1, device=tokens.device)
+    model.move_cache_entries(start[:, None] + path, start[:, None] + slots, extra_heads=False)
+    h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
+    pos = model.positions(start, tokens.shape[0], width + 1, full_cache=True)
+    nt, _ = drafter(draft_logits(model, h, pos, n_acc, drafter.depth), nxt, 0.0, 1.0)
+    return step_tokens, n_acc, nt.tokens, nt.parent, nt.depth, nt.rank
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -298,10 +333,13 @@ def generate(
     logprobs: bool = False,
     echo: bool = False,
     on_token: Callable[[int, int], None] | None = None,
+    steps: DecodeSteps | None = None,
 ) -> tuple[list[list[int]], list[list[float]] | None, SpeculativeStats]:
     """Tree-drafting `generate` with the semantics of `Llama.generate` (prompts already checked).
     `tree` is a node budget (a dynamic tree of that many draft tokens) or a list of rank paths; the
-    verify forward feeds the tree's draft tokens plus the root."""
+    verify forward feeds the tree's draft tokens plus the root. With compiled `steps`, greedy steps
+    without logprobs run as one compiled graph (`greedy_tree_step`) while the whole tree fits in the
+    cache; the others, the prefill and sampling run eagerly."""
     drafter = TreeDrafter(tree, check_draft_heads(model, draft_heads), model.args.vocab_size)
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
@@ -319,33 +357,41 @@ def generate(
             stats.forwards += 1
             outputs.emit(b, [t], [first_lp[b]])
 
+    fused = (steps.compile_fn(greedy_tree_step) if steps is not None and steps.compiled and greedy and not logprobs
+             else None)
     cur = index + 1  # position of each row's last produced token x0, not yet fed
+    t, q = drafter(draft_logits(model, h, pos, index, drafter.depth), x0, temperature, top_p)
+    full_size = t.size
     while not all(outputs.done):
-        t, q = drafter(draft_logits(model, h, pos, index, drafter.depth), x0, temperature, top_p)
         active = torch.tensor([not d for d in outputs.done], device=device)
         # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
         t = t.truncate(min(t.size, max_seq_len - int(cur[active].max())))
         # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
         start = torch.where(active, cur, torch.zeros_like(cur))
-        tpos = tree_positions(model, t, start)
-        h = model.forward_trunk(torch.where(active[:, None], t.tokens, 0), tpos)
-        logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
-
-        if greedy:
-            target = logits0.argmax(-1)
-            path, n_acc = accept_greedy(t, target)
-            nxt = target[rows, path[rows, n_acc]]
-        else:
-            p = probs_from_logits(logits0, temperature, top_p)
-            path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)
-            nxt = draw(dist)
-        path = path[:, : int(n_acc.max()) + 1]
-        n_path = path.shape[1]
-
-        step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
-        step_tokens[rows, n_acc] = nxt
-        step_lp = token_logprobs(logits0[rows[:, None], path], step_tokens).tolist() if logprobs else None
+        tokens = torch.where(active[:, None], t.tokens, 0)
         tree_depth = t.depth.max(1).values.tolist()
+        if fused is not None and t.size == full_size:
+            step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start)
+            nxt = step_tokens[rows, n_acc]
+            step_lp = None
+        else:
+            tpos = tree_positions(model, t, start)
+            h = model.forward_trunk(tokens, tpos)
+            logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
+            if greedy:
+                target = logits0.argmax(-1)
+                path, n_acc = accept_greedy(t, target)
+                nxt = target[rows, path[rows, n_acc]]
+            else:
+                p = probs_from_logits(logits0, temperature, top_p)
+                path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)
+                nxt = draw(dist)
+            path = path[:, : int(n_acc.max()) + 1]
+            n_path = path.shape[1]
+            step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
+            step_tokens[rows, n_acc] = nxt
+            step_lp = token_logprobs(logits0[rows[:, None], path], step_tokens).tolist() if logprobs else None
+            next_tree = None
         tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
         for b in range(bsz):
             if not active_list[b]:
@@ -356,15 +402,19 @@ def generate(
                 stats.accepted[j] += j < n_acc_list[b]
             n = n_acc_list[b] + 1
             outputs.emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
+        cur, x0 = cur + n_acc + 1, nxt
         if all(outputs.done):
             break
+        if next_tree is not None:  # the fused step compacted the path and drafted the next tree
+            t = Tree(*next_tree[1:], tokens=next_tree[0])
+            continue
 
         # Keep the accepted path: its keys/values into consecutive slots, its states for the extra heads.
         model.move_cache_entries(start[:, None] + path, start[:, None] + torch.arange(n_path, device=device),
                                  extra_heads=False)  # they never saw the tree
         h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
-        pos, index = model.positions(start, bsz, n_path), n_acc
-        cur, x0 = cur + n_acc + 1, nxt
+        pos = model.positions(start, bsz, n_path)
+        t, q = drafter(draft_logits(model, h, pos, n_acc, drafter.depth), x0, temperature, top_p)
 
     tokens, lps = outputs.result(echo, prompt_logprobs)
     return tokens, lps, stats
