@@ -121,14 +121,11 @@ def time_decode(llama: Llama, batch: int, prompt_len: int, new_tokens: int, repe
 
 
 @torch.inference_mode()  # as generate runs: another grad mode would compile the step again
-def time_graph_step(llama: Llama, batch: int, at: int, total_len: int, drafts: int = 0, steps: int = 64) -> float:
+def time_graph_step(llama: Llama, batch: int, at: int, drafts: int = 0, steps: int = 64) -> float:
     """Seconds per step of `llama`'s (compiled, warmed-up) step function called back to back with no
     decoding loop around it: the plain step, or with `drafts` the fused greedy self-speculative one."""
     device = llama.model.tok_embeddings.weight.device
-    # Laid out as generate's inputs (a plain step's token is a column of the whole sequence), else
-    # the step's guards would compile it once more for these strides.
-    tokens = torch.zeros(batch, 1 + drafts, dtype=torch.long, device=device) if drafts else (
-        torch.zeros(batch, total_len, dtype=torch.long, device=device)[:, at : at + 1])
+    tokens = torch.zeros(batch, 1 + drafts, dtype=torch.long, device=device)  # contiguous, as generate's
     start = torch.full((batch,), at, device=device)
     step = (lambda: llama.steps.greedy(tokens, start, drafts)) if drafts else (  # noqa: E731
         lambda: llama.steps.step(tokens, start))
@@ -248,7 +245,6 @@ def main() -> None:
     def measure(name: str, model: Transformer, batch: int, compile_mode: str | None, rowwise: bool = False,
                 speculative: bool = True, tree: int = 0, ceiling: float = nan) -> None:
         path = "eager" if compile_mode is None else f"compiled{' rowwise' if rowwise else ''} ({compile_mode})"
-        total = a.prompt_len + a.new_tokens  # generate's token buffer: prompt and new tokens
         what = f"{name} b{batch} {path}"
         llama = lambda: Llama(model, IgnoreEOS()) if compile_mode is None else (  # noqa: E731
             Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None))
@@ -257,14 +253,14 @@ def main() -> None:
         plain_llama = llama()
         plain = guarded(f"{what} plain", lambda: time_decode(plain_llama, batch, a.prompt_len, a.new_tokens,
                                                              a.repeats), failed)
-        graph_step = (guarded(f"{what} graph step", lambda: time_graph_step(plain_llama, batch, a.prompt_len, total),
+        graph_step = (guarded(f"{what} graph step", lambda: time_graph_step(plain_llama, batch, a.prompt_len),
                               failed) if compile_mode is not None and plain else None)
         spec_llama = llama()
         spec = guarded(f"{what} speculative", lambda: time_decode(spec_llama, batch, a.prompt_len, a.new_tokens,
                                                                   a.repeats, speculative=True),
                        failed) if speculative else None
         graph_spec = (guarded(f"{what} graph spec step", lambda: time_graph_step(
-            spec_llama, batch, a.prompt_len, total, drafts=model.n_future_tokens - 1), failed)
+            spec_llama, batch, a.prompt_len, drafts=model.n_future_tokens - 1), failed)
             if compile_mode is not None and spec else None)
         tree_t = guarded(f"{what} tree {tree}", lambda: timed(tree=tree), failed) if tree else None
         if plain is not None:

@@ -50,7 +50,7 @@ def main() -> None:
     if a.compile:
         llama.compile()
         for kwargs in modes.values():  # compile every mode's graphs before timing
-            llama.generate([prompts[0]], 8, temperature=0, **kwargs)
+            llama.generate([prompts[0]], a.new_tokens, temperature=0, **kwargs)
     seconds, tokens, forwards = ({m: 0.0 for m in modes} for _ in range(3))
     identical = True
     for prompt in prompts:

@@ -178,7 +178,10 @@ class Llama:
             flagged = [torch.cuda.Event(), torch.cuda.Event()]
         for i, cur_pos in enumerate(range(min_prompt_len, total_len)):
             if self.steps.compiled and cur_pos - prev_pos == 1:  # every step after the prefill
-                _, logits = self.steps.step(tokens[:, prev_pos:cur_pos], torch.full((bsz,), prev_pos, device=device))
+                # A contiguous copy: a column of `tokens` has its length as stride, and the compiled step,
+                # which guards on strides, would compile again for every prompt + max_gen_len.
+                column = tokens[:, prev_pos:cur_pos].clone(memory_format=torch.contiguous_format)
+                _, logits = self.steps.step(column, torch.full((bsz,), prev_pos, device=device))
             else:
                 logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos).squeeze(2)
             next_token = sample(logits[:, -1], temperature, top_p)
