@@ -84,12 +84,12 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens():
 
 
 @pytest.mark.slow
-def test_compiled_plain_decoding_compiles_once_per_batch_size(monkeypatch):
+def test_compiled_plain_decoding_compiles_once_per_batch_size():
     """Prompts and generation lengths change the token buffer's shape, never the step's inputs."""
     model = random_model(tiny_args(n_layers=4), seed=1).eval()
     model.setup_caches(2, 64)
     llama = Llama(model, IdTokenizer(eos_id=299, n_words=300)).compile()
     llama.generate([[1, 2, 3]], 5, temperature=0)  # compiles the batch-1 step
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for prompt, max_gen_len in (([1, 2, 3, 4, 5, 6, 7], 20), ([9] * 20, 11)):
-        llama.generate([prompt], max_gen_len, temperature=0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt, max_gen_len in (([1, 2, 3, 4, 5, 6, 7], 20), ([9] * 20, 11)):
+            llama.generate([prompt], max_gen_len, temperature=0)
