@@ -237,3 +237,25 @@ def test_compiled_tree_decoding_gives_plain_greedy_tokens():
     assert compiled.generate(prompts, 24, temperature=0, tree=STATIC)[0] == plain
     assert tree_mod.greedy_tree_step in compiled.steps._compiled_fns
     assert compiled.last_stats.tokens_per_forward > 1.2  # drafts were accepted, paths compacted
+
+
+@pytest.mark.parametrize("tree", [8, STATIC], ids=str)
+def test_queueing_fused_tree_steps_before_reading_changes_nothing(tree):
+    """lag=1 (a GPU's default) gives lag 0's tokens and statistics, with rows ending at EOS, at
+    max_gen_len and at the end of the cache, and runs at most one step past the last one read."""
+    ran_ahead, filled = 0, False
+    for vocab in (300, 12):
+        llama, prompts = _small_vocab(vocab, max_seq_len=48)
+        stop = llama.generate(prompts, 20, temperature=0)[0][1][5]  # an EOS that stops a row early
+        for eos, max_gen_len in ((stop, 44), (-1, 4), (-1, 44)):
+            results = []
+            for lag in (0, 1):
+                steps = _FusedEagerly(llama.model)
+                out = tree_mod.generate(llama.model, prompts, max_gen_len, eos, tree=tree, steps=steps, lag=lag)
+                results.append((out, steps.calls))
+            (out0, calls0), (out1, calls1) = results
+            assert out1 == out0
+            assert calls1 in (calls0, calls0 + 1)
+            ran_ahead += calls1 - calls0
+            filled |= any(len(p) + len(r) == 48 for p, r in zip(prompts, out0[0]))
+    assert ran_ahead > 0 and filled  # a step ran ahead; a row filled the cache

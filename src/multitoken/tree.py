@@ -36,8 +36,10 @@ on what they hold; siblings always hold consecutive ranks, so no draw is skipped
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +53,7 @@ from multitoken.speculative import (
     check_draft_heads,
     prefill,
     residual,
+    to_host,
     token_logprobs,
 )
 
@@ -319,6 +322,14 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     return step_tokens, n_acc, nt.tokens, nt.parent, nt.depth, nt.rank
 
 
+class QueuedTreeStep(NamedTuple):
+    """A tree step the device has been given and whose results the host has not read yet."""
+
+    active: list[bool]  # rows it decodes for
+    results: list[torch.Tensor]  # tokens (batch, path), accepted counts, tree depths (batch,), [logprobs]
+    ready: torch.cuda.Event | None  # on a GPU: when `results` have reached host memory
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -334,12 +345,15 @@ def generate(
     echo: bool = False,
     on_token: Callable[[int, int], None] | None = None,
     steps: DecodeSteps | None = None,
+    lag: int | None = None,
 ) -> tuple[list[list[int]], list[list[float]] | None, SpeculativeStats]:
     """Tree-drafting `generate` with the semantics of `Llama.generate` (prompts already checked).
     `tree` is a node budget (a dynamic tree of that many draft tokens) or a list of rank paths; the
     verify forward feeds the tree's draft tokens plus the root. With compiled `steps`, greedy steps
     without logprobs run as one compiled graph (`greedy_tree_step`) while the whole tree fits in the
-    cache; the others, the prefill and sampling run eagerly."""
+    cache; the others, the prefill and sampling run eagerly. Up to `lag` fused steps are queued
+    before the host reads their results, as in `speculative.generate` (default: 1 on a GPU, else 0);
+    eager steps, and steps near the end of the cache, are read first."""
     drafter = TreeDrafter(tree, check_draft_heads(model, draft_heads), model.args.vocab_size)
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
@@ -359,55 +373,80 @@ def generate(
 
     fused = (steps.compile_fn(greedy_tree_step) if steps is not None and steps.compiled and greedy and not logprobs
              else None)
+    lag = (1 if device.type == "cuda" else 0) if lag is None else lag
+    width = min(drafter.depth, drafter.budget)  # the most drafts a tree step accepts
     cur = index + 1  # position of each row's last produced token x0, not yet fed
+    cur_read = [len(p) for p in prompt_tokens]  # the same on the host, as of the steps read so far
+    in_flight: deque[QueuedTreeStep] = deque()
+    active_list: list[bool] = []
     t, q = drafter(draft_logits(model, h, pos, index, drafter.depth), x0, temperature, top_p)
     full_size = t.size
-    while not all(outputs.done):
-        active = torch.tensor([not d for d in outputs.done], device=device)
-        # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
-        t = t.truncate(min(t.size, max_seq_len - int(cur[active].max())))
-        # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
-        start = torch.where(active, cur, torch.zeros_like(cur))
-        tokens = torch.where(active[:, None], t.tokens, 0)
-        tree_depth = t.depth.max(1).values.tolist()
-        if fused is not None and t.size == full_size:
-            step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start)
-            nxt = step_tokens[rows, n_acc]
-            step_lp = None
-        else:
-            tpos = tree_positions(model, t, start)
-            h = model.forward_trunk(tokens, tpos)
-            logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
-            if greedy:
-                target = logits0.argmax(-1)
-                path, n_acc = accept_greedy(t, target)
-                nxt = target[rows, path[rows, n_acc]]
-            else:
-                p = probs_from_logits(logits0, temperature, top_p)
-                path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)
-                nxt = draw(dist)
-            path = path[:, : int(n_acc.max()) + 1]
-            n_path = path.shape[1]
-            step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
-            step_tokens[rows, n_acc] = nxt
-            step_lp = token_logprobs(logits0[rows[:, None], path], step_tokens).tolist() if logprobs else None
-            next_tree = None
-        tokens_list, n_acc_list, active_list = step_tokens.tolist(), n_acc.tolist(), active.tolist()
+
+    def read(step: QueuedTreeStep) -> None:
+        """Emit a step's tokens and count its statistics, waiting for its results if need be."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens_list, n_acc_list, depth_list, *lp = (r.tolist() for r in step.results)
         for b in range(bsz):
-            if not active_list[b]:
+            if not step.active[b]:
+                continue
+            cur_read[b] += n_acc_list[b] + 1
+            if outputs.done[b]:  # finished in a step read before this one: it ran ahead
                 continue
             stats.forwards += 1
-            for j in range(tree_depth[b]):
+            for j in range(depth_list[b]):
                 stats.proposed[j] += 1
                 stats.accepted[j] += j < n_acc_list[b]
             n = n_acc_list[b] + 1
-            outputs.emit(b, tokens_list[b][:n], step_lp[b][:n] if logprobs else [0.0] * n)
+            outputs.emit(b, tokens_list[b][:n], lp[0][b][:n] if logprobs else [0.0] * n)
+
+    while not all(outputs.done):
+        # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
+        # Steps not read yet may have moved a row by up to width + 1.
+        room = max_seq_len - max(cur_read[b] + sum(width + 1 for s in in_flight if s.active[b])
+                                 for b in range(bsz) if not outputs.done[b])
+        use_fused = fused is not None and room >= full_size
+        if in_flight and not use_fused:
+            read(in_flight.popleft())  # eager steps, and the end of the cache, need the true positions
+            continue
+        if active_list != [not d for d in outputs.done]:
+            active_list = [not d for d in outputs.done]
+            active = torch.tensor(active_list).to(device, non_blocking=True)
+        t = t.truncate(min(t.size, room))
+        # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
+        start = torch.where(active, cur, torch.zeros_like(cur))
+        tokens = torch.where(active[:, None], t.tokens, 0)
+        depths = t.depth.max(1).values
+        if use_fused:
+            step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start)
+            nxt = step_tokens[rows, n_acc]
+            in_flight.append(QueuedTreeStep(active_list, *to_host([step_tokens, n_acc, depths])))
+            cur, x0 = cur + n_acc + 1, nxt
+            t = Tree(*next_tree[1:], tokens=next_tree[0])  # the fused step compacted the path and drafted it
+            while len(in_flight) > lag:
+                read(in_flight.popleft())
+            continue
+
+        tpos = tree_positions(model, t, start)
+        h = model.forward_trunk(tokens, tpos)
+        logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
+        if greedy:
+            target = logits0.argmax(-1)
+            path, n_acc = accept_greedy(t, target)
+            nxt = target[rows, path[rows, n_acc]]
+        else:
+            p = probs_from_logits(logits0, temperature, top_p)
+            path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)
+            nxt = draw(dist)
+        path = path[:, : int(n_acc.max()) + 1]
+        n_path = path.shape[1]
+        step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
+        step_tokens[rows, n_acc] = nxt
+        lps = [token_logprobs(logits0[rows[:, None], path], step_tokens)] if logprobs else []
+        read(QueuedTreeStep(active_list, [step_tokens, n_acc, depths, *lps], None))
         cur, x0 = cur + n_acc + 1, nxt
         if all(outputs.done):
             break
-        if next_tree is not None:  # the fused step compacted the path and drafted the next tree
-            t = Tree(*next_tree[1:], tokens=next_tree[0])
-            continue
 
         # Keep the accepted path: its keys/values into consecutive slots, its states for the extra heads.
         model.move_cache_entries(start[:, None] + path, start[:, None] + torch.arange(n_path, device=device),
