@@ -167,6 +167,28 @@ class Outputs:
                 self.done[b] = True
                 return
 
+    def add_step(self, active: list[bool], tokens: list[list[int]], n_acc: list[int], drafted: list[int],
+                 lps: list[list[float]] | None, positions: list[int]) -> list[int]:
+        """Take a verify step's output for the rows it decoded (`active`): row b accepted n_acc[b] of
+        its drafted[b] drafts, and emits tokens[b][:n_acc[b] + 1]. Moves each row's host-side position
+        on, counts the statistics and returns the accepted counts of the rows still running (a row
+        that finished in an earlier step, which a queued step ran ahead of, is skipped)."""
+        accepted = []
+        for b, decoded in enumerate(active):
+            if not decoded:
+                continue
+            positions[b] += n_acc[b] + 1
+            if self.done[b]:
+                continue
+            self.stats.forwards += 1
+            for i in range(drafted[b]):
+                self.stats.proposed[i] += 1
+                self.stats.accepted[i] += i < n_acc[b]
+            n = n_acc[b] + 1
+            self.emit(b, tokens[b][:n], lps[b][:n] if lps is not None else [0.0] * n)
+            accepted.append(n_acc[b])
+        return accepted
+
     def result(self, echo: bool, prompt_logprobs: list[list[float]] | None
                ) -> tuple[list[list[int]], list[list[float]] | None]:
         """`Llama.generate`'s return value: per row the (echoed prompt and) generated tokens, and logprobs."""
@@ -230,6 +252,13 @@ def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
+
+
+def from_host(results: list[torch.Tensor], ready: torch.cuda.Event | None) -> list[list]:
+    """`to_host`'s copies as lists, once they are complete."""
+    if ready is not None:
+        ready.synchronize()
+    return [r.tolist() for r in results]
 
 
 @torch.inference_mode()
@@ -307,23 +336,9 @@ def generate(
     def read(step: QueuedStep) -> None:
         """Emit a queued step's tokens and count its statistics, waiting for its results if need be."""
         nonlocal last_read
-        if step.ready is not None:
-            step.ready.synchronize()
-        tokens_list, n_acc_list, *lp = (t.tolist() for t in step.results)
-        accepted = []
-        for b in range(bsz):
-            if not step.active[b]:
-                continue
-            cur_read[b] += n_acc_list[b] + 1
-            if outputs.done[b]:  # finished in a step read before this one: it ran ahead
-                continue
-            stats.forwards += 1
-            for i in range(step.j):
-                stats.proposed[i] += 1
-                stats.accepted[i] += i < n_acc_list[b]
-            n = n_acc_list[b] + 1
-            outputs.emit(b, tokens_list[b][:n], lp[0][b][:n] if logprobs else [0.0] * n)
-            accepted.append(n_acc_list[b])
+        tokens_list, n_acc_list, *lp = from_host(step.results, step.ready)
+        accepted = outputs.add_step(step.active, tokens_list, n_acc_list, [step.j] * bsz, lp[0] if logprobs else None,
+                                    cur_read)
         now = time.perf_counter()
         if counter is not None:
             # A step's time: from its queueing, or from the previous read when it was queued before that

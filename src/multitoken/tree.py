@@ -51,6 +51,7 @@ from multitoken.speculative import (
     SpeculativeStats,
     accept_drafts,
     check_draft_heads,
+    from_host,
     prefill,
     residual,
     to_host,
@@ -384,21 +385,8 @@ def generate(
 
     def read(step: QueuedTreeStep) -> None:
         """Emit a step's tokens and count its statistics, waiting for its results if need be."""
-        if step.ready is not None:
-            step.ready.synchronize()
-        tokens_list, n_acc_list, depth_list, *lp = (r.tolist() for r in step.results)
-        for b in range(bsz):
-            if not step.active[b]:
-                continue
-            cur_read[b] += n_acc_list[b] + 1
-            if outputs.done[b]:  # finished in a step read before this one: it ran ahead
-                continue
-            stats.forwards += 1
-            for j in range(depth_list[b]):
-                stats.proposed[j] += 1
-                stats.accepted[j] += j < n_acc_list[b]
-            n = n_acc_list[b] + 1
-            outputs.emit(b, tokens_list[b][:n], lp[0][b][:n] if logprobs else [0.0] * n)
+        tokens_list, n_acc_list, depth_list, *lp = from_host(step.results, step.ready)
+        outputs.add_step(step.active, tokens_list, n_acc_list, depth_list, lp[0] if logprobs else None, cur_read)
 
     while not all(outputs.done):
         # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
