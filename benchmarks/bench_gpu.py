@@ -4,7 +4,8 @@ dim 4096, bf16) plain, self-speculative and with a 64-node draft tree at batch 1
 Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
     python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
-        [--tree 64] [--batches 1 8] [--no-eager] [--matvec] [--rowwise] [--inductor KEY=VALUE ...]
+        [--tree 64] [--batches 1 8] [--no-eager] [--no-llama2] [--matvec] [--rowwise] [--unfused]
+        [--inductor KEY=VALUE ...]
         [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
@@ -24,7 +25,9 @@ The weight-streaming ceiling uses the GPU's measured copy bandwidth, taken in th
 Compiled rows also give the time of the plain step function alone, replayed back to back ("graph
 step"): what the decoding loop adds to it is the host's share. --matvec times single-row bf16
 products of the 7B shapes (cuBLAS against compiled fused reductions); --rowwise adds compiled batch-1
-rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tuned).
+rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tuned). Compiled steps
+compute each block's q/k/v and w1/w3 products as one (`fuse_projections`); --unfused adds a batch-1
+row without, first.
 """
 
 from __future__ import annotations
@@ -203,6 +206,8 @@ def main() -> None:
     p.add_argument("--matvec", action="store_true", help="time single-row bf16 products: cuBLAS vs fused reductions")
     p.add_argument("--rowwise", action="store_true",
                    help="with --compile: also batch-1 rows with single-row products as tuned fused reductions")
+    p.add_argument("--unfused", action="store_true",
+                   help="with --compile: first a batch-1 row with separate q/k/v and w1/w3 products (fuse=False)")
     p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for the compiled rows, e.g. coordinate_descent_tuning=True")
     p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
@@ -243,11 +248,12 @@ def main() -> None:
               f"{tree_ratio:.2f}x (ceiling {ceiling:.0f} tok/s)", flush=True)
 
     def measure(name: str, model: Transformer, batch: int, compile_mode: str | None, rowwise: bool = False,
-                speculative: bool = True, tree: int = 0, ceiling: float = nan) -> None:
-        path = "eager" if compile_mode is None else f"compiled{' rowwise' if rowwise else ''} ({compile_mode})"
+                speculative: bool = True, tree: int = 0, ceiling: float = nan, fuse: bool = True) -> None:
+        path = "eager" if compile_mode is None else (
+            f"compiled{' rowwise' if rowwise else ''}{'' if fuse else ' unfused'} ({compile_mode})")
         what = f"{name} b{batch} {path}"
         llama = lambda: Llama(model, IgnoreEOS()) if compile_mode is None else (  # noqa: E731
-            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None))
+            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None, fuse=fuse))
         timed = lambda **mode: time_decode(llama(), batch, a.prompt_len, a.new_tokens,  # noqa: E731
                                            a.repeats, **mode)
         plain_llama = llama()
@@ -282,6 +288,8 @@ def main() -> None:
             for batch in a.batches:
                 measure("7B n=4", model, batch, None, tree=a.tree, ceiling=ceiling)
         if a.compile:
+            if a.unfused:  # first: fusing the projections is for good
+                measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False)
             for batch in a.batches:
                 measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling)
             if a.rowwise:

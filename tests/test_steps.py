@@ -5,7 +5,15 @@ from torch import nn
 
 from conftest import random_model, tiny_args
 from multitoken.generation import Llama
-from multitoken.steps import ROWWISE_MAX_ROWS, DecodeSteps, RowwiseLinear, use_rowwise_matmuls
+from multitoken.steps import (
+    ROWWISE_MAX_ROWS,
+    DecodeSteps,
+    FusedAttention,
+    FusedFeedForward,
+    RowwiseLinear,
+    fuse_projections,
+    use_rowwise_matmuls,
+)
 from test_generation import IdTokenizer
 
 PROMPTS = [[1, 5], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 9, 9]]
@@ -93,3 +101,44 @@ def test_compiled_plain_decoding_compiles_once_per_batch_size():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for prompt, max_gen_len in (([1, 2, 3, 4, 5, 6, 7], 20), ([9] * 20, 11)):
             llama.generate([prompt], max_gen_len, temperature=0)
+
+
+def test_fused_projections_keep_parameters_state_dict_and_outputs():
+    model = random_model(tiny_args(n_future_tokens=3)).eval()
+    reference = random_model(tiny_args(n_future_tokens=3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_projections(model)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert isinstance(model.layers[0].attention, FusedAttention) and isinstance(model.extra_heads[0].feed_forward,
+                                                                                FusedFeedForward)
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, return_all_heads=True), reference(x, return_all_heads=True),
+                                   rtol=1e-5, atol=1e-5)
+    # Cached decoding, extra heads at one selected token per row included: the same greedy tokens.
+    for m in (model, reference):
+        m.setup_caches(len(PROMPTS), 64)
+    fused, plain = Llama(model, IdTokenizer(eos_id=299, n_words=300)), Llama(reference, IdTokenizer(299, 300))
+    expected = plain.generate(PROMPTS, 20, temperature=0)[0]
+    assert fused.generate(PROMPTS, 20, temperature=0)[0] == expected
+    assert fused.generate(PROMPTS, 20, temperature=0, speculative=True)[0] == expected
+    assert fused.generate(PROMPTS, 20, temperature=0, tree=8)[0] == expected
+
+
+def test_fused_projections_train_the_parameters_and_see_their_updates():
+    """With gradients on the separate products run, so the parameters get their gradients; the fused
+    weights are the parameters' storage, so an optimizer's in-place update reaches inference too."""
+    model, reference = random_model(), random_model()
+    fuse_projections(model)
+    x = torch.randint(0, 300, (2, 9))
+    for m in (model, reference):
+        torch.optim.SGD(m.parameters(), lr=0.5).zero_grad()
+        m(x, return_all_heads=True).logsumexp(-1).mean().backward()
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    assert torch.equal(model.layers[1].attention.wk.weight, reference.layers[1].attention.wk.weight)
+    assert torch.equal(model.extra_heads[0].feed_forward.w3.weight, reference.extra_heads[0].feed_forward.w3.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, return_all_heads=True), reference(x, return_all_heads=True),
+                                   rtol=1e-5, atol=1e-5)

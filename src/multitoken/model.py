@@ -121,6 +121,11 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def select_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Token index[b] of each row b of x (batch, seq, ...), as (batch, 1, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device), index].unsqueeze(1)
+
+
 class Positions(NamedTuple):
     """Where a forward's tokens sit: `start` is an int (every row at the same offset) or a (batch, seq)
     tensor of each token's cache slot (rows at their own offsets, as in batched speculative decoding);
@@ -195,17 +200,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, pos: Positions, query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Attention output for every token, or, given `query_index` (batch,), for token
         query_index[b] of each row alone: keys and values are still computed and cached for all."""
-        bsz, seqlen, _ = x.shape
-        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), pos.rope).transpose(1, 2)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k, v = self.store(self.wk(x), self.wv(x), pos)
+        if query_index is not None:
+            x, pos = select_tokens(x, query_index), pos.select(query_index)
+        return self.attend(self.wq(x), k, v, pos)
+
+    def store(self, xk: torch.Tensor, xv: torch.Tensor, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate the keys xk and cache them with the values xv (batch, seq, kv_heads * head_dim); returns
+        the keys and values to attend, (batch, kv_heads, keys, head_dim): the cache's, if any."""
+        bsz, seqlen, _ = xk.shape
+        k = apply_rope(xk.view(bsz, seqlen, self.n_kv_heads, self.head_dim), pos.rope).transpose(1, 2)
+        v = xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)
-        if query_index is not None:
-            x = x[torch.arange(bsz, device=x.device), query_index].unsqueeze(1)
-            pos = pos.select(query_index)
-        n_q = x.shape[1]
-        q = apply_rope(self.wq(x).view(bsz, n_q, self.n_heads, self.head_dim), pos.rope).transpose(1, 2)
+        return k, v
 
+    def attend(self, xq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """The output projection of the queries xq (batch, n_q, n_heads * head_dim) at `pos` attending
+        to keys k and values v."""
+        bsz, n_q, _ = xq.shape
+        q = apply_rope(xq.view(bsz, n_q, self.n_heads, self.head_dim), pos.rope).transpose(1, 2)
         gqa = {}
         if self.n_kv_heads != self.n_heads:
             # Grouped-query attention: each kv head serves n_heads // n_kv_heads query heads.
@@ -241,7 +255,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, pos: Positions, query_index: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.attention(self.attention_norm(x), pos, query_index)
         if query_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), query_index].unsqueeze(1)
+            x = select_tokens(x, query_index)
         h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 

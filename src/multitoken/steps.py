@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken.model import Positions, Transformer
+from multitoken.model import Attention, FeedForward, Positions, Transformer, select_tokens
 
 # Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
 # here (2-core AVX-512): 3.5x ATen's speed at 1 row, equal at 4 in isolation; but inside a whole
@@ -55,6 +55,75 @@ def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
     return model
 
 
+def _fused_pays(fused: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether a fused product should replace the separate ones: not with gradients on (the fused
+    weight is not a parameter), nor for row-wise reductions, which inductor fuses side by side
+    already (a fused one decoded SmolLM2-135M at 0.8x the speed on this CPU)."""
+    rowwise = isinstance(fused, RowwiseLinear) and x.shape[:-1].numel() <= ROWWISE_MAX_ROWS
+    return not torch.is_grad_enabled() and not (rowwise and torch.compiler.is_compiling())
+
+
+class FusedAttention(Attention):
+    """Attention whose query, key and value projections run as one product (`fuse_projections`)."""
+
+    wqkv: nn.Linear
+
+    def forward(self, x: torch.Tensor, pos: Positions, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        if not _fused_pays(self.wqkv, x):
+            return super().forward(x, pos, query_index)
+        q, xk, xv = self.wqkv(x).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
+        k, v = self.store(xk, xv, pos)
+        if query_index is not None:
+            # Queries of every token, then the selected one's: the weights are read once either way.
+            q, pos = select_tokens(q, query_index), pos.select(query_index)
+        return self.attend(q, k, v, pos)
+
+
+class FusedFeedForward(FeedForward):
+    """FeedForward whose gate and up projections (w1, w3) run as one product (`fuse_projections`)."""
+
+    w13: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fused_pays(self.w13, x):
+            return super().forward(x)
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def _fuse(module: nn.Module, name: str, parts: list[nn.Linear]) -> None:
+    """Give `module` a linear layer `name` over the stacked weights of `parts`, whose weights become
+    row views of it: the same parameters and memory, one product instead of len(parts)."""
+    weight = torch.cat([part.weight.detach() for part in parts])
+    fused = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.__class__ = type(parts[0])  # a RowwiseLinear stays one
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    start = 0
+    for part in parts:
+        rows = part.weight.shape[0]
+        part.weight = nn.Parameter(weight[start:start + rows], requires_grad=part.weight.requires_grad)
+        start += rows
+    # Not a submodule: state_dict(), parameters() and .to() see the parameters alone, as before.
+    object.__setattr__(module, name, fused)
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """Compute each block's wq, wk, wv products as one, and w1, w3 as one, in place and for inference
+    (grad-enabled forwards are unchanged). At batch 1 a decode step is a chain of matrix-vector
+    products, each paying a kernel's fixed cost; fused, the same bytes stream in fewer kernels. The
+    parameters become views of the fused weights: apply this after moving the model to its device
+    and dtype (a later .to() would copy them apart)."""
+    for block in [*model.layers, *model.extra_heads]:
+        attention, ffn = block.attention, block.feed_forward
+        if type(attention) is Attention:
+            _fuse(attention, "wqkv", [attention.wq, attention.wk, attention.wv])
+            attention.__class__ = FusedAttention
+        if type(ffn) is FeedForward:
+            _fuse(ffn, "w13", [ffn.w1, ffn.w3])
+            ffn.__class__ = FusedFeedForward
+    return model
+
+
 @dataclass
 class StepTimes:
     """Recent wall times of one step shape. The first call's is not kept: it includes compiling."""
@@ -76,10 +145,12 @@ class StepTimes:
 class DecodeSteps:
     """`step`, `draft` and `greedy` (both fused in one graph) for `model`, eager or compiled (`mode`
     is torch.compile's, e.g. "reduce-overhead" for CUDA graphs on a GPU). `rowwise` makes compiled
-    single-row products fused reductions (`use_rowwise_matmuls`; default: on a CPU in bf16)."""
+    single-row products fused reductions (`use_rowwise_matmuls`; default: on a CPU in bf16); `fuse`
+    computes each block's q, k, v products as one and w1, w3 as one (`fuse_projections`; default:
+    when compiled)."""
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
-                 rowwise: bool | None = None):
+                 rowwise: bool | None = None, fuse: bool | None = None):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
@@ -92,12 +163,14 @@ class DecodeSteps:
         self.greedy = self._greedy
         self.mode = mode
         self._compiled_fns: dict = {}
+        weight = model.tok_embeddings.weight
+        if rowwise is None:
+            rowwise = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        if compile and rowwise:
+            use_rowwise_matmuls(model)
+        if compile if fuse is None else fuse:
+            fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
         if compile:
-            weight = model.tok_embeddings.weight
-            if rowwise is None:
-                rowwise = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            if rowwise:
-                use_rowwise_matmuls(model)
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.step = torch.compile(self._step, dynamic=False, fullgraph=True, mode=mode)

@@ -410,7 +410,9 @@ def generate(
             nxt = step_tokens[rows, n_acc]
             in_flight.append(QueuedTreeStep(active_list, *to_host([step_tokens, n_acc, depths])))
             cur, x0 = cur + n_acc + 1, nxt
-            t = Tree(*next_tree[1:], tokens=next_tree[0])  # the fused step compacted the path and drafted it
+            # The fused step compacted the path and drafted the next tree. Copies: under CUDA graphs the next
+            # replay overwrites this one's outputs, and the tree is an input of that replay.
+            t = Tree(*(x.clone() for x in next_tree[1:]), tokens=next_tree[0])
             while len(in_flight) > lag:
                 read(in_flight.popleft())
             continue
