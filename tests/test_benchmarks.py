@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,14 @@ def test_bench_sampling_draws_the_reference_tokens():
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 4 and all(r[6] == "yes" for r in rows), result.stdout
+
+
+@pytest.mark.slow
+def test_bench_steps_times_fused_and_separate_projections_alike(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_steps.py"), "--ckpt-dir", str(tiny_ckpt),
+           "--rounds", "1", "--calls", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "give the same tokens, accepted counts and drafts: yes" in result.stdout, result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("1-token", "3-token", "greedy"))]
+    assert len(rows) == 3 and all(float(r.split()[-1]) > 0 for r in rows), result.stdout
