@@ -142,3 +142,16 @@ def test_fused_projections_train_the_parameters_and_see_their_updates():
     with torch.no_grad():
         torch.testing.assert_close(model(x, return_all_heads=True), reference(x, return_all_heads=True),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_follow_the_model_to_another_dtype():
+    model, reference = random_model(), random_model()
+    fuse_projections(model).to(torch.float64)
+    reference.to(torch.float64)
+    attention = model.layers[2].attention
+    assert attention.wqkv.weight.dtype == torch.float64
+    assert attention.wk.weight.untyped_storage().data_ptr() == attention.wqkv.weight.untyped_storage().data_ptr()
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, return_all_heads=True), reference(x, return_all_heads=True),
+                                   rtol=1e-10, atol=1e-10)

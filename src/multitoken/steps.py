@@ -78,6 +78,12 @@ class FusedAttention(Attention):
             q, pos = select_tokens(q, query_index), pos.select(query_index)
         return self.attend(q, k, v, pos)
 
+    def _apply(self, fn, recurse=True):
+        # .to() and the like move each parameter apart from the fused weight: fuse them again.
+        super()._apply(fn, recurse)
+        _fuse(self, "wqkv", [self.wq, self.wk, self.wv])
+        return self
+
 
 class FusedFeedForward(FeedForward):
     """FeedForward whose gate and up projections (w1, w3) run as one product (`fuse_projections`)."""
@@ -89,6 +95,11 @@ class FusedFeedForward(FeedForward):
             return super().forward(x)
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        _fuse(self, "w13", [self.w1, self.w3])
+        return self
 
 
 def _fuse(module: nn.Module, name: str, parts: list[nn.Linear]) -> None:
@@ -111,8 +122,7 @@ def fuse_projections(model: Transformer) -> Transformer:
     """Compute each block's wq, wk, wv products as one, and w1, w3 as one, in place and for inference
     (grad-enabled forwards are unchanged). At batch 1 a decode step is a chain of matrix-vector
     products, each paying a kernel's fixed cost; fused, the same bytes stream in fewer kernels. The
-    parameters become views of the fused weights: apply this after moving the model to its device
-    and dtype (a later .to() would copy them apart)."""
+    parameters become views of the fused weights (a later .to() fuses the moved ones again)."""
     for block in [*model.layers, *model.extra_heads]:
         attention, ffn = block.attention, block.feed_forward
         if type(attention) is Attention:
