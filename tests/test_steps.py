@@ -131,12 +131,12 @@ def test_fused_projections_train_the_parameters_and_see_their_updates():
     """With gradients on the separate products run, so the parameters get their gradients; the fused
     weights are the parameters' storage, so an optimizer's in-place update reaches inference too."""
     model, reference = random_model(), random_model()
-    fuse_projections(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, reference)]
+    fuse_projections(model)  # after the optimizer took the parameters, as a mid-training evaluation would
     x = torch.randint(0, 300, (2, 9))
-    for m in (model, reference):
-        torch.optim.SGD(m.parameters(), lr=0.5).zero_grad()
+    for m, optimizer in zip((model, reference), optimizers):
         m(x, return_all_heads=True).logsumexp(-1).mean().backward()
-        torch.optim.SGD(m.parameters(), lr=0.5).step()
+        optimizer.step()
     assert torch.equal(model.layers[1].attention.wk.weight, reference.layers[1].attention.wk.weight)
     assert torch.equal(model.extra_heads[0].feed_forward.w3.weight, reference.extra_heads[0].feed_forward.w3.weight)
     with torch.no_grad():

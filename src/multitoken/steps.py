@@ -112,7 +112,9 @@ def _fuse(module: nn.Module, name: str, parts: list[nn.Linear]) -> None:
     start = 0
     for part in parts:
         rows = part.weight.shape[0]
-        part.weight = nn.Parameter(weight[start:start + rows], requires_grad=part.weight.requires_grad)
+        # The same Parameter objects, their storage now the fused weight's: an optimizer that holds
+        # them still trains the model, and its in-place updates reach the fused product.
+        part.weight.data = weight[start:start + rows]
         start += rows
     # Not a submodule: state_dict(), parameters() and .to() see the parameters alone, as before.
     object.__setattr__(module, name, fused)
