@@ -5,7 +5,7 @@ Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
     python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
         [--tree 64] [--batches 1 8] [--no-eager] [--no-llama2] [--matvec] [--rowwise] [--unfused]
-        [--inductor KEY=VALUE ...]
+        [--profile] [--inductor KEY=VALUE ...]
         [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
@@ -27,7 +27,8 @@ step"): what the decoding loop adds to it is the host's share. --matvec times si
 products of the 7B shapes (cuBLAS against compiled fused reductions); --rowwise adds compiled batch-1
 rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tuned). Compiled steps
 compute each block's q/k/v and w1/w3 products as one (`fuse_projections`); --unfused adds a batch-1
-row without, first.
+row without, first. --profile prints the kernels of the compiled plain and self-speculative steps by
+device time.
 """
 
 from __future__ import annotations
@@ -136,6 +137,30 @@ def time_graph_step(llama: Llama, batch: int, at: int, drafts: int = 0, steps: i
     return _sync_time(lambda: [step() for _ in range(steps)]) / steps
 
 
+@torch.inference_mode()
+def profile_steps(llama: Llama, batch: int, at: int, drafts: int, rows: int = 15) -> str:
+    """The kernels of `llama`'s compiled plain step and fused greedy self-speculative step (with
+    `drafts` drafts), 10 calls each, as the profiler's table sorted by device time: where a step's
+    time goes beyond streaming its weights."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = llama.model.tok_embeddings.weight.device
+    cuda = device.type == "cuda"
+    tables = []
+    for name, k in (("plain step", 0), (f"greedy self-speculative step, {drafts} drafts", drafts)):
+        tokens = torch.zeros(batch, 1 + k, dtype=torch.long, device=device)
+        start = torch.full((batch,), at, device=device)
+        step = (lambda: llama.steps.greedy(tokens, start, k)) if k else (lambda: llama.steps.step(tokens, start))  # noqa: E731
+        step(), _sync()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(10):
+                step()
+            _sync()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        tables.append(f"{name} x 10:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    return "\n".join(tables)
+
+
 def _time_calls(calls: list, device: str) -> float:
     """Seconds per call of `calls` run in sequence; on a GPU captured as one CUDA graph, so launching
     them costs nothing and the kernels alone are timed."""
@@ -208,6 +233,8 @@ def main() -> None:
                    help="with --compile: also batch-1 rows with single-row products as tuned fused reductions")
     p.add_argument("--unfused", action="store_true",
                    help="with --compile: first a batch-1 row with separate q/k/v and w1/w3 products (fuse=False)")
+    p.add_argument("--profile", action="store_true",
+                   help="with --compile: print the kernels of the compiled plain and self-speculative steps by device time")
     p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for the compiled rows, e.g. coordinate_descent_tuning=True")
     p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
@@ -268,6 +295,9 @@ def main() -> None:
         graph_spec = (guarded(f"{what} graph spec step", lambda: time_graph_step(
             spec_llama, batch, a.prompt_len, drafts=model.n_future_tokens - 1), failed)
             if compile_mode is not None and spec else None)
+        if a.profile and compile_mode is not None and plain and spec:
+            print(guarded(f"{what} profile", lambda: profile_steps(spec_llama, batch, a.prompt_len,
+                                                                   model.n_future_tokens - 1), failed), flush=True)
         tree_t = guarded(f"{what} tree {tree}", lambda: timed(tree=tree), failed) if tree else None
         if plain is not None:
             row(name, batch, path, plain[0], graph_step or nan, spec[1] / plain[1] if spec else nan,
