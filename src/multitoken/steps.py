@@ -11,7 +11,9 @@ compute the same function; the model itself knows nothing of compilation.
 On a CPU with bfloat16 weights, compiled steps also compute single-row matrix products (batch-1
 decode steps) as float32 multiply-and-sum reductions that inductor fuses with the weights' widening
 (`use_rowwise_matmuls`): ATen's bf16 matrix-vector product reads memory at a third of the speed,
-and decoding at batch 1 is bound by that speed.
+and decoding at batch 1 is bound by that speed. Compiled steps also compute each block's q, k, v
+products as one product and w1, w3 as one (`fuse_projections`): fewer, wider products (on an H100,
+the 7B plain step went from 5.65 to 5.12-5.25 ms).
 """
 
 from __future__ import annotations
