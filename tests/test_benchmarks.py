@@ -56,3 +56,17 @@ def test_bench_steps_times_fused_and_separate_projections_alike(tiny_ckpt):
     assert "give the same tokens, accepted counts and drafts: yes" in result.stdout, result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith(("1-token", "3-token", "greedy"))]
     assert len(rows) == 3 and all(float(r.split()[-1]) > 0 for r in rows), result.stdout
+
+
+@pytest.mark.slow
+def test_bench_gpu_compiled_rows_run_on_a_cpu_with_tiny_shapes():
+    """The compiled rows of the next GPU session's command (fused and separate projections, tree,
+    profile), so that a slip in them costs a CPU test, not device minutes."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--device", "cpu", "--prompt-len", "8",
+           "--new-tokens", "8", "--repeats", "1", "--tree", "8", "--compile", "--no-eager", "--eager-check",
+           "--batches", "1", "--no-llama2", "--unfused", "--profile"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("7B")]
+    assert [r[4] for r in rows] == ["unfused", "(reduce-overhead)"], result.stdout
+    assert "greedy self-speculative step, 3 drafts x 10:" in result.stdout and "exactness ok" in result.stdout
