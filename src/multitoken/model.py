@@ -216,8 +216,8 @@ class Attention(nn.Module):
         return k, v
 
     def attend(self, xq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
-        """The output projection of the queries xq (batch, n_q, n_heads * head_dim) at `pos` attending
-        to keys k and values v."""
+        """Queries xq (batch, n_q, n_heads * head_dim) at `pos` attending to keys k and values v, through
+        the output projection."""
         bsz, n_q, _ = xq.shape
         q = apply_rope(xq.view(bsz, n_q, self.n_heads, self.head_dim), pos.rope).transpose(1, 2)
         gqa = {}
