@@ -151,6 +151,8 @@ class Outputs:
         self.tokens: list[list[int]] = [[] for _ in prompt_tokens]
         self.logprobs: list[list[float]] = [[] for _ in prompt_tokens]
         self.done = [m <= 0 for m in self.max_new]
+        self.positions = [len(t) for t in prompt_tokens]  # each row's next cache slot, as of the steps read
+        self._running: tuple[list[bool], torch.Tensor | None] = ([], None)
 
     def emit(self, b: int, tokens: list[int], lps: list[float]) -> None:
         """Append row b's new tokens, stopping at EOS (excluded) and at the row's length limit."""
@@ -167,8 +169,22 @@ class Outputs:
                 self.done[b] = True
                 return
 
+    def running(self, device: torch.device) -> tuple[list[bool], torch.Tensor]:
+        """The rows not done, as a list and as a bool tensor on `device`; the tensor is made again only
+        when a row has finished (otherwise it would be a host-to-device copy every step)."""
+        rows = [not d for d in self.done]
+        if rows != self._running[0]:
+            self._running = (rows, torch.tensor(rows).to(device, non_blocking=True))
+        return self._running
+
+    def furthest(self, in_flight: Sequence[QueuedStep]) -> int:
+        """The furthest next slot of a running row, counting the queued steps not read yet: each may
+        have moved a row it decodes by up to its j + 1."""
+        return max(self.positions[b] + sum(s.j + 1 for s in in_flight if s.active[b])
+                   for b, done in enumerate(self.done) if not done)
+
     def add_step(self, active: list[bool], tokens: list[list[int]], n_acc: list[int], drafted: list[int],
-                 lps: list[list[float]] | None, positions: list[int]) -> list[int]:
+                 lps: list[list[float]] | None) -> list[int]:
         """Take a verify step's output for the rows it decoded (`active`): row b accepted n_acc[b] of
         its drafted[b] drafts, and emits tokens[b][:n_acc[b] + 1]. Moves each row's host-side position
         on, counts the statistics and returns the accepted counts of the rows still running (a row
@@ -177,7 +193,7 @@ class Outputs:
         for b, decoded in enumerate(active):
             if not decoded:
                 continue
-            positions[b] += n_acc[b] + 1
+            self.positions[b] += n_acc[b] + 1
             if self.done[b]:
                 continue
             self.stats.forwards += 1
@@ -235,12 +251,18 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 class QueuedStep:
     """A step the device has been given and whose results the host has not read yet."""
 
-    j: int  # drafts it verifies
-    k_next: int  # drafts it proposes for the next step
+    j: int  # the most drafts it accepts
     active: list[bool]  # rows it decodes for
-    results: list[torch.Tensor]  # tokens (batch, j + 1), accepted counts (batch,), [logprobs (batch, j + 1)]
+    results: list[torch.Tensor]  # tokens (batch, j + 1), accepted counts (batch,), ...
     ready: torch.cuda.Event | None  # on a GPU: when `results` have reached host memory
-    queued_at: float
+    k_next: int = 0  # drafts it proposes for the next step (chain)
+    queued_at: float = 0.0
+
+
+def default_lag(device: torch.device) -> int:
+    """Steps queued ahead of their reading: one on a GPU, so it never waits for the host's reading;
+    none elsewhere, where the host runs the step itself."""
+    return 1 if device.type == "cuda" else 0
 
 
 def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
@@ -295,7 +317,7 @@ def generate(
     eager = DecodeSteps(model) if steps.compiled else steps
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
-    lag = (1 if device.type == "cuda" else 0) if lag is None else lag
+    lag = default_lag(device) if lag is None else lag
     max_seq_len = model.args.max_seq_len
     bsz = len(prompt_tokens)
     stats = SpeculativeStats(proposed=[0] * k, accepted=[0] * k)
@@ -328,17 +350,14 @@ def generate(
             outputs.emit(b, [x0_list[b]], [first_lp[b]])
 
     cur = last + 1  # position of each row's last produced token x0, not yet fed
-    cur_read = [len(t) for t in prompt_tokens]  # the same on the host, as of the steps read so far
     in_flight: deque[QueuedStep] = deque()
     last_read = 0.0
-    active_list: list[bool] = []
 
     def read(step: QueuedStep) -> None:
         """Emit a queued step's tokens and count its statistics, waiting for its results if need be."""
         nonlocal last_read
         tokens_list, n_acc_list, *lp = from_host(step.results, step.ready)
-        accepted = outputs.add_step(step.active, tokens_list, n_acc_list, [step.j] * bsz, lp[0] if logprobs else None,
-                                    cur_read)
+        accepted = outputs.add_step(step.active, tokens_list, n_acc_list, [step.j] * bsz, lp[0] if logprobs else None)
         now = time.perf_counter()
         if counter is not None:
             # A step's time: from its queueing, or from the previous read when it was queued before that
@@ -350,15 +369,11 @@ def generate(
         queued_at = time.perf_counter()
         # A step writes positions cur .. cur + j; near the end of the cache, verify fewer drafts. Steps
         # not read yet may have moved a row by up to their j + 1.
-        furthest = max(cur_read[b] + sum(s.j + 1 for s in in_flight if s.active[b])
-                       for b in range(bsz) if not outputs.done[b])
-        j = min(drafts.shape[1], max_seq_len - 1 - furthest)
+        j = min(drafts.shape[1], max_seq_len - 1 - outputs.furthest(in_flight))
         if in_flight and j < drafts.shape[1]:
             read(in_flight.popleft())  # read first: the true positions may leave room for every draft
             continue
-        if active_list != [not d for d in outputs.done]:
-            active_list = [not d for d in outputs.done]
-            active = torch.tensor(active_list).to(device, non_blocking=True)
+        active_list, active = outputs.running(device)
         k_next = counter.choose() if counter else k  # drafts for the next step
         # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
         start = torch.where(active, cur, torch.zeros_like(cur))
@@ -391,7 +406,7 @@ def generate(
             drafts, q = draft(step.draft(h, start, n_acc, k_next))
 
         results = [step_tokens, n_acc] + ([token_logprobs(logits0, step_tokens)] if logprobs else [])
-        in_flight.append(QueuedStep(j, k_next, active_list, *to_host(results), queued_at))
+        in_flight.append(QueuedStep(j, active_list, *to_host(results), k_next=k_next, queued_at=queued_at))
         cur = cur + n_acc + 1
         x0 = nxt
         while len(in_flight) > lag:

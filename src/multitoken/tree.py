@@ -39,7 +39,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -48,9 +47,11 @@ from multitoken.sampling import draw, probs_from_logits
 from multitoken.steps import DecodeSteps, draft_logits
 from multitoken.speculative import (
     Outputs,
+    QueuedStep,
     SpeculativeStats,
     accept_drafts,
     check_draft_heads,
+    default_lag,
     from_host,
     prefill,
     residual,
@@ -323,14 +324,6 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     return step_tokens, n_acc, nt.tokens, nt.parent, nt.depth, nt.rank
 
 
-class QueuedTreeStep(NamedTuple):
-    """A tree step the device has been given and whose results the host has not read yet."""
-
-    active: list[bool]  # rows it decodes for
-    results: list[torch.Tensor]  # tokens (batch, path), accepted counts, tree depths (batch,), [logprobs]
-    ready: torch.cuda.Event | None  # on a GPU: when `results` have reached host memory
-
-
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -374,32 +367,26 @@ def generate(
 
     fused = (steps.compile_fn(greedy_tree_step) if steps is not None and steps.compiled and greedy and not logprobs
              else None)
-    lag = (1 if device.type == "cuda" else 0) if lag is None else lag
+    lag = default_lag(device) if lag is None else lag
     width = min(drafter.depth, drafter.budget)  # the most drafts a tree step accepts
     cur = index + 1  # position of each row's last produced token x0, not yet fed
-    cur_read = [len(p) for p in prompt_tokens]  # the same on the host, as of the steps read so far
-    in_flight: deque[QueuedTreeStep] = deque()
-    active_list: list[bool] = []
+    in_flight: deque[QueuedStep] = deque()  # results: tokens (batch, path), accepted counts, tree depths, [logprobs]
     t, q = drafter(draft_logits(model, h, pos, index, drafter.depth), x0, temperature, top_p)
     full_size = t.size
 
-    def read(step: QueuedTreeStep) -> None:
+    def read(step: QueuedStep) -> None:
         """Emit a step's tokens and count its statistics, waiting for its results if need be."""
         tokens_list, n_acc_list, depth_list, *lp = from_host(step.results, step.ready)
-        outputs.add_step(step.active, tokens_list, n_acc_list, depth_list, lp[0] if logprobs else None, cur_read)
+        outputs.add_step(step.active, tokens_list, n_acc_list, depth_list, lp[0] if logprobs else None)
 
     while not all(outputs.done):
         # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
-        # Steps not read yet may have moved a row by up to width + 1.
-        room = max_seq_len - max(cur_read[b] + sum(width + 1 for s in in_flight if s.active[b])
-                                 for b in range(bsz) if not outputs.done[b])
+        room = max_seq_len - outputs.furthest(in_flight)
         use_fused = fused is not None and room >= full_size
         if in_flight and not use_fused:
             read(in_flight.popleft())  # eager steps, and the end of the cache, need the true positions
             continue
-        if active_list != [not d for d in outputs.done]:
-            active_list = [not d for d in outputs.done]
-            active = torch.tensor(active_list).to(device, non_blocking=True)
+        active_list, active = outputs.running(device)
         t = t.truncate(min(t.size, room))
         # Finished rows ride along at position 0 so the batch keeps its shape; their output is final.
         start = torch.where(active, cur, torch.zeros_like(cur))
@@ -408,7 +395,7 @@ def generate(
         if use_fused:
             step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start)
             nxt = step_tokens[rows, n_acc]
-            in_flight.append(QueuedTreeStep(active_list, *to_host([step_tokens, n_acc, depths])))
+            in_flight.append(QueuedStep(width, active_list, *to_host([step_tokens, n_acc, depths])))
             cur, x0 = cur + n_acc + 1, nxt
             # The fused step compacted the path and drafted the next tree. Copies: under CUDA graphs the next
             # replay overwrites this one's outputs, and the tree is an input of that replay.
@@ -433,7 +420,7 @@ def generate(
         step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
         step_tokens[rows, n_acc] = nxt
         lps = [token_logprobs(logits0[rows[:, None], path], step_tokens)] if logprobs else []
-        read(QueuedTreeStep(active_list, [step_tokens, n_acc, depths, *lps], None))
+        read(QueuedStep(width, active_list, [step_tokens, n_acc, depths, *lps], None))
         cur, x0 = cur + n_acc + 1, nxt
         if all(outputs.done):
             break
