@@ -48,12 +48,14 @@ def test_bench_sampling_draws_the_reference_tokens():
 
 
 @pytest.mark.slow
-def test_bench_steps_times_fused_and_separate_projections_alike(tiny_ckpt):
+@pytest.mark.parametrize("compare", ["fuse", "freeze"])
+def test_bench_steps_times_two_ways_of_compiling_alike(tiny_ckpt, compare):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_steps.py"), "--ckpt-dir", str(tiny_ckpt),
-           "--rounds", "1", "--calls", "2"]
+           "--compare", compare, "--rounds", "1", "--calls", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "give the same tokens, accepted counts and drafts: yes" in result.stdout, result.stdout
+    variant = {"fuse": "fused and separate", "freeze": "frozen and unfrozen"}[compare]
+    assert f"{variant} greedy steps give the same tokens, accepted counts and drafts: yes" in result.stdout, result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith(("1-token", "3-token", "greedy"))]
     assert len(rows) == 3 and all(float(r.split()[-1]) > 0 for r in rows), result.stdout
 

@@ -91,6 +91,38 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens():
     assert all(len(s) <= 24 and all(0 <= t < 300 for t in s) for s in sampled) and any(sampled)
 
 
+def test_freezing_is_the_default_for_compiled_low_precision_cpu_steps_only():
+    for dtype, compile, expected in ((torch.bfloat16, True, True), (torch.float16, True, True),
+                                     (torch.float32, True, False), (torch.bfloat16, False, False)):
+        model = random_model(dtype=dtype)
+        model.setup_caches(1, 16)
+        assert DecodeSteps(model, compile=compile).frozen is expected
+    with pytest.raises(ValueError, match="freeze=True is for steps compiled without a mode"):
+        DecodeSteps(model, compile=True, mode="reduce-overhead", freeze=True)
+    with pytest.raises(ValueError, match="freeze=True"):
+        DecodeSteps(model, compile=False, freeze=True)
+
+
+@pytest.mark.slow
+def test_frozen_steps_give_the_eager_greedy_tokens_and_leave_the_freezing_flag_alone():
+    """Frozen (weights as packed constants, max-autotune GEMMs): plain, chain and tree greedy decoding
+    equal eager decoding in float32. Freezing is on while the steps run only, so other compiled code
+    in the process keeps its parameters as inputs."""
+    import torch._inductor.config as inductor_config
+
+    model = random_model(tiny_args(n_layers=4, n_future_tokens=3), seed=2).eval()
+    model.setup_caches(2, 48)
+    eager = Llama(model, IdTokenizer(eos_id=299, n_words=300))
+    prompts = PROMPTS[:2]
+    expected = eager.generate(prompts, 16, temperature=0)[0]
+    frozen = Llama(model, eager.tokenizer).compile(freeze=True)
+    assert frozen.steps.frozen and not inductor_config.freezing
+    assert frozen.generate(prompts, 16, temperature=0)[0] == expected
+    assert frozen.generate(prompts, 16, temperature=0, speculative=True)[0] == expected
+    assert frozen.generate(prompts[:1], 16, temperature=0, speculative=True, tree=4)[0] == expected[:1]
+    assert not inductor_config.freezing
+
+
 @pytest.mark.slow
 def test_compiled_plain_decoding_compiles_once_per_batch_size():
     """Prompts and generation lengths change the token buffer's shape, never the step's inputs."""

@@ -91,14 +91,15 @@ class Llama:
         self.last_stats: SpeculativeStats | None = None  # of the last speculative generate call
         self.steps = DecodeSteps(model)
 
-    def compile(self, mode: str | None = None, rowwise: bool | None = None, fuse: bool | None = None) -> Llama:
+    def compile(self, mode: str | None = None, rowwise: bool | None = None, fuse: bool | None = None,
+                freeze: bool | None = None) -> Llama:
         """Decode with torch.compile'd fixed-shape steps (`multitoken.steps`): one compilation per
         batch size and step length, on the first call that needs it (a minute or more on a CPU), then
         no per-step Python work that grows with the model. `mode` is torch.compile's
         ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
         compiler's floating-point reassociation. Greedy tree steps compile too (tree.greedy_tree_step).
-        `rowwise` and `fuse`: see DecodeSteps."""
-        self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse)
+        `rowwise`, `fuse` and `freeze`: see DecodeSteps."""
+        self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse, freeze=freeze)
         return self
 
     @torch.inference_mode()
