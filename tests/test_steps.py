@@ -91,12 +91,17 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens():
     assert all(len(s) <= 24 and all(0 <= t < 300 for t in s) for s in sampled) and any(sampled)
 
 
-def test_freezing_is_the_default_for_compiled_low_precision_cpu_steps_only():
+def test_freezing_is_the_default_for_compiled_low_precision_cpu_steps_only(monkeypatch):
     for dtype, compile, expected in ((torch.bfloat16, True, True), (torch.float16, True, True),
                                      (torch.float32, True, False), (torch.bfloat16, False, False)):
         model = random_model(dtype=dtype)
         model.setup_caches(1, 16)
         assert DecodeSteps(model, compile=compile).frozen is expected
+    # Not where memory cannot hold the packed copy beside the weights: a host of 1 MB (~0.5 MB of bf16 weights).
+    import multitoken.steps
+
+    monkeypatch.setattr(multitoken.steps.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}[name])
+    assert not DecodeSteps(model, compile=True).frozen
     with pytest.raises(ValueError, match="freeze=True is for steps compiled without a mode"):
         DecodeSteps(model, compile=True, mode="reduce-overhead", freeze=True)
     with pytest.raises(ValueError, match="freeze=True"):

@@ -18,6 +18,7 @@ products (on an H100, the 7B plain step went from 5.65 to 5.12-5.25 ms).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -158,8 +159,10 @@ class StepTimes:
 
 # torch.compile options for frozen steps (`DecodeSteps(freeze=True)`): the weights become constants
 # (inductor's freezing), which lets max-autotune's C++ GEMM template pack them once for AMX / AVX-512
-# tiles and pick, per product shape, that kernel or ATen's, whichever its benchmark finds faster.
-FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# tiles and pick, per product shape, that kernel or ATen's, whichever its benchmark finds faster (and
+# not print its timings of every shape to stderr, in the middle of a user's generated text).
+FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                  "autotune_num_choices_displayed": 0}
 
 
 
@@ -180,12 +183,20 @@ def _frozen(compiled):
     return call
 
 
+def _room_for_a_second_copy(model: nn.Module) -> bool:
+    """Whether the host's memory holds the weights twice with room to spare: frozen steps keep a packed
+    copy beside the model's (a 7B model in bf16 on a 24 GiB host would not fit)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * weights < 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class DecodeSteps:
     """`step`, `draft` and `greedy` (both fused in one graph) for `model`, eager or compiled (`mode`
     is torch.compile's, e.g. "reduce-overhead" for CUDA graphs on a GPU). `freeze` compiles the steps
     with the weights as constants, packed for the CPU's matrix units (`FROZEN_OPTIONS`; default: on a
-    CPU in bfloat16 or float16, where it halves a step's time; a packed copy of the weights is kept
-    beside the model's, and later changes to the parameters are not seen: build new steps).
+    CPU in bfloat16 or float16 when memory holds the weights twice, where it halves a step's time; a
+    packed copy of the weights is kept beside the model's, and later changes to the parameters are
+    not seen: build new steps).
     `rowwise` makes compiled single-row products fused reductions (`use_rowwise_matmuls`; default:
     on a CPU in bf16 when not frozen); `fuse` computes each block's q, k, v products as one and w1, w3
     as one (`fuse_projections`; default: when compiled)."""
@@ -205,7 +216,7 @@ class DecodeSteps:
         weight = model.tok_embeddings.weight
         low_precision_cpu = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
         if freeze is None:
-            freeze = compile and mode is None and low_precision_cpu
+            freeze = compile and mode is None and low_precision_cpu and _room_for_a_second_copy(model)
         if freeze and (not compile or mode is not None):
             raise ValueError("freeze=True is for steps compiled without a mode (compile=True, mode=None)")
         self.frozen = freeze
