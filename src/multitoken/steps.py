@@ -10,8 +10,8 @@ compute the same function; the model itself knows nothing of compilation.
 
 On a CPU with bfloat16 or float16 weights, compiled steps are also frozen (`freeze`): inductor takes
 the weights as constants, packs them once into the tiles of its own matrix kernels (AMX and
-AVX-512 bf16 here) and keeps them where they beat ATen's; a SmolLM2-135M decode step went from 21.2
-to 11.9 ms, and a 4-token verify costs 1.19x a 1-token step. Compiled steps also compute each
+AVX-512 bf16 here) and keeps them where they beat ATen's; a SmolLM2-135M decode step went from
+21.0-21.5 to 11.6-12.8 ms, and a 4-token verify costs 1.13-1.23x a 1-token step. Compiled steps also compute each
 block's q, k, v products as one product and w1, w3 as one (`fuse_projections`): fewer, wider
 products (on an H100, the 7B plain step went from 5.65 to 5.12-5.25 ms).
 """
@@ -163,7 +163,6 @@ class StepTimes:
 # not print its timings of every shape to stderr, in the middle of a user's generated text).
 FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                   "autotune_num_choices_displayed": 0}
-
 
 
 def _frozen(compiled):
