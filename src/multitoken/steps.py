@@ -11,9 +11,9 @@ compute the same function; the model itself knows nothing of compilation.
 On a CPU with bfloat16 or float16 weights, compiled steps are also frozen (`freeze`): inductor takes
 the weights as constants, packs them once into the tiles of its own matrix kernels (AMX and
 AVX-512 bf16 here) and keeps them where they beat ATen's; a SmolLM2-135M decode step went from
-21.0-21.5 to 11.6-12.8 ms, and a 4-token verify costs 1.13-1.23x a 1-token step. Compiled steps also compute each
-block's q, k, v products as one product and w1, w3 as one (`fuse_projections`): fewer, wider
-products (on an H100, the 7B plain step went from 5.65 to 5.12-5.25 ms).
+21.0-21.5 to 11.6-12.8 ms, and a 4-token verify costs 1.13-1.23x a 1-token step. Compiled steps
+also compute each block's q, k, v products as one product and w1, w3 as one (`fuse_projections`):
+fewer, wider products (on an H100, the 7B plain step went from 5.65 to 5.12-5.25 ms).
 """
 
 from __future__ import annotations
@@ -171,15 +171,7 @@ def _frozen(compiled):
     may trace a new shape, and only then, so other compiled code in the process is left as it was."""
     import torch._inductor.config as inductor_config
 
-    def call(*args):
-        before = inductor_config.freezing
-        inductor_config.freezing = True
-        try:
-            return compiled(*args)
-        finally:
-            inductor_config.freezing = before
-
-    return call
+    return inductor_config.patch(freezing=True)(compiled)
 
 
 def _room_for_a_second_copy(model: nn.Module) -> bool:
