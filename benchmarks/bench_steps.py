@@ -1,7 +1,7 @@
 """Compiled decode steps alone, two ways of compiling them side by side, interleaved in one run.
 
-    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze] [--dtype float32] [--batch 1]
-        [--position 64] [--rounds 8] [--calls 10] [--threads 2]
+    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze|attention] [--dtype float32] [--batch 1]
+        [--position 64] [--rounds 8] [--calls 10] [--threads 2] [--tree N]
 
 Times the three step functions a decoding loop calls, as compiled graphs with no loop around them:
 the 1-token plain step, the (k+1)-token verify step and the fused greedy self-speculative step
@@ -9,8 +9,10 @@ the 1-token plain step, the (k+1)-token verify step and the fused greedy self-sp
 two copies of the model, compiled the two ways --compare names: `fuse`, every block's q, k, v
 products and w1, w3 products as one product each or not (`steps.fuse_projections`); `freeze`, the
 weights as constants packed for the CPU's matrix units or not (`DecodeSteps(freeze=...)`; the
-default for compiled bf16/fp16 steps on a CPU). Rounds alternate between the two so that the
-machine's drift hits both alike; each figure is the fastest round's mean over --calls calls (noise
+default for compiled bf16/fp16 steps on a CPU); `attention`, one query's attention as ATen's flash
+kernel or as multiplies and sums (`DecodeSteps(single_query=...)`, the default on a CPU). --tree N
+also times the fused greedy tree step of an N-node tree (`tree.greedy_tree_step`). Rounds alternate
+between the two so that the machine's drift hits both alike; each figure is the fastest round's mean over --calls calls (noise
 only adds time).
 """
 
@@ -24,11 +26,13 @@ import torch
 
 from multitoken.checkpoint import load_model
 from multitoken.steps import DecodeSteps
+from multitoken.tree import TreeDrafter, greedy_tree_step
 
 # --compare: the (name, DecodeSteps options) of the baseline, then of the variant.
 COMPARISONS = {
     "fuse": (("separate", {"fuse": False}), ("fused", {"fuse": True})),
     "freeze": (("unfrozen", {"freeze": False}), ("frozen", {"freeze": True})),
+    "attention": (("flash", {"single_query": False}), ("single-query", {"single_query": True})),
 }
 
 
@@ -36,13 +40,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--compare", choices=sorted(COMPARISONS), default="fuse",
-                   help="fuse: fused q/k/v and w1/w3 products against separate ones; freeze: frozen steps against unfrozen")
+                   help="fuse: fused q/k/v and w1/w3 products against separate ones; freeze: frozen steps against "
+                        "unfrozen; attention: single-query attention as multiplies and sums against ATen's flash kernel")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--position", type=int, default=64, help="cache position the steps write at")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--calls", type=int, default=10, help="calls per round")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tree", type=int, default=0, help="also time the greedy tree step of this node budget")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -62,6 +68,12 @@ def main() -> None:
         f"{k + 1}-token verify": lambda s: s.step(verify, start),
         "greedy spec step": lambda s: s.greedy(verify, start, k),
     }
+    if a.tree:
+        drafter = TreeDrafter(a.tree, k, steps[base].model.args.vocab_size)
+        with torch.inference_mode():  # equal draft logits: ties, broken the same way every call
+            t, _ = drafter(torch.zeros(a.batch, k, drafter.n_ranks), torch.zeros(a.batch, dtype=torch.long), 0.0, 1.0)
+        calls[f"tree {a.tree} step"] = lambda s: s.compile_fn(greedy_tree_step)(
+            s.model, drafter, t.tokens, t.parent, t.depth, t.rank, start)
     print(f"{a.ckpt_dir}: {a.dtype}, batch {a.batch}, position {a.position}, k = {k}, "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}; compiling...", flush=True)
     best: dict[tuple[str, str], float] = {}
@@ -88,8 +100,8 @@ def main() -> None:
         b, v = best[name, base], best[name, variant]
         print(f"{name:<18} {1e3 * b:>11.2f} {1e3 * v:>11.2f} {v / b:>18.3f}")
     for way in steps:
-        ratios = [best[name, way] / best["1-token step", way] for name in list(calls)[1:]]
-        print(f"{way}: verify {ratios[0]:.2f}x, greedy spec step {ratios[1]:.2f}x a 1-token step")
+        ratios = ", ".join(f"{name} {best[name, way] / best['1-token step', way]:.2f}x" for name in list(calls)[1:])
+        print(f"{way}, against a 1-token step: {ratios}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from torch import nn
 
 from conftest import random_model, tiny_args
 from multitoken.generation import Llama
+from multitoken.model import scaled_dot_product
 from multitoken.steps import (
     ROWWISE_MAX_ROWS,
     DecodeSteps,
@@ -12,6 +13,7 @@ from multitoken.steps import (
     FusedFeedForward,
     RowwiseLinear,
     fuse_projections,
+    single_query_attention,
     use_rowwise_matmuls,
 )
 from test_generation import IdTokenizer
@@ -125,6 +127,10 @@ def test_frozen_steps_give_the_eager_greedy_tokens_and_leave_the_freezing_flag_a
     assert frozen.generate(prompt, 16, temperature=0)[0] == expected
     assert frozen.generate(prompt, 16, temperature=0, speculative=True)[0] == expected
     assert not inductor_config.freezing
+    # Frozen steps skip the guards on the model's modules, not those on its caches: new caches of
+    # another length are new graphs, not stale ones.
+    model.setup_caches(1, 40)
+    assert frozen.generate(prompt, 16, temperature=0)[0] == expected
 
 
 @pytest.mark.slow
@@ -191,3 +197,25 @@ def test_fused_projections_follow_the_model_to_another_dtype():
     with torch.no_grad():
         torch.testing.assert_close(model(x, return_all_heads=True), reference(x, return_all_heads=True),
                                    rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_query_attention_is_scaled_dot_product(dtype, monkeypatch):
+    """The multiply-and-sum attention of compiled CPU steps (its math run eagerly: is_compiling patched),
+    grouped-query heads and a ragged mask included; more queries fall back to scaled_dot_product."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 8, 1, 16, dtype=dtype), torch.randn(2, 4, 40, 16, dtype=dtype)
+    v = torch.randn_like(k)
+    mask = torch.rand(2, 1, 1, 40) < 0.4
+    mask[..., 0] = True
+    expected = scaled_dot_product(q.double(), k.double(), v.double(), mask)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    out = single_query_attention(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(single_query_attention(q, k, v, None).double(),
+                               scaled_dot_product(q.double(), k.double(), v.double(), None), **tol)
+    q3 = torch.randn(2, 8, 3, 16, dtype=dtype)
+    mask3 = mask.expand(2, 1, 3, 40)
+    torch.testing.assert_close(single_query_attention(q3, k, v, mask3), scaled_dot_product(q3, k, v, mask3))

@@ -185,6 +185,21 @@ class KVCache(nn.Module):
         self.v[rows, :, dst] = self.v[rows, :, src]
 
 
+def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of queries q (batch, n_heads, n_q, head_dim) over keys and values (batch, n_kv_heads,
+    keys, head_dim) where mask (broadcast to (batch, 1, n_q, keys)) is True, or causal if it is None."""
+    gqa = {}
+    if k.shape[1] != q.shape[1]:
+        # Grouped-query attention: each kv head serves n_heads // n_kv_heads query heads.
+        if _SDPA_HAS_GQA:
+            gqa = {"enable_gqa": True}  # no copy of the cache
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    is_causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -215,21 +230,16 @@ class Attention(nn.Module):
             k, v = self.cache.update(pos, k, v)
         return k, v
 
+    # How queries attend: a function of (q, k, v, mask) as `scaled_dot_product`; decode steps put
+    # another in its place for some shapes (steps.py), the model computes the same either way.
+    sdpa = staticmethod(scaled_dot_product)
+
     def attend(self, xq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
         """Queries xq (batch, n_q, n_heads * head_dim) at `pos` attending to keys k and values v, through
         the output projection."""
         bsz, n_q, _ = xq.shape
         q = apply_rope(xq.view(bsz, n_q, self.n_heads, self.head_dim), pos.rope).transpose(1, 2)
-        gqa = {}
-        if self.n_kv_heads != self.n_heads:
-            # Grouped-query attention: each kv head serves n_heads // n_kv_heads query heads.
-            if _SDPA_HAS_GQA:
-                gqa = {"enable_gqa": True}  # no copy of the cache
-            else:
-                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        is_causal = pos.mask is None and n_q > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask, is_causal=is_causal, **gqa)
+        out = self.sdpa(q, k, v, pos.mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, n_q, -1))
 
 

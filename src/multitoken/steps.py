@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken.model import Attention, FeedForward, Positions, Transformer, select_tokens
+from multitoken.model import Attention, FeedForward, Positions, Transformer, scaled_dot_product, select_tokens
 
 # Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
 # here (2-core AVX-512): 3.5x ATen's speed at 1 row, equal at 4 in isolation; but inside a whole
@@ -55,6 +55,32 @@ def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = RowwiseLinear
+    return model
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`model.scaled_dot_product` for steps compiled on a CPU: one query per row, q (batch, n_heads, 1,
+    head_dim), as float32 multiplies and sums, which inductor fuses into passes over the cache (ATen's
+    flash kernel pays for blocking and threads that one query cannot use: on the shipped model in
+    bf16 a 1-token step took 1.28 instead of 1.57 ms). More queries, or eagerly: scaled_dot_product."""
+    if q.shape[2] != 1 or q.device.type != "cpu" or not torch.compiler.is_compiling():
+        return scaled_dot_product(q, k, v, mask)
+    bsz, n_heads, _, head_dim = q.shape
+    # Query heads grouped by the kv head they share: (batch, kv_heads, group, 1, head_dim).
+    q = q.reshape(bsz, k.shape[1], n_heads // k.shape[1], 1, head_dim).float()
+    scores = (q * k[:, :, None].float()).sum(-1) * head_dim**-0.5  # (batch, kv_heads, group, keys)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # (batch, 1, 1, keys) broadcasts
+    weights = torch.softmax(scores, dim=-1)
+    out = (weights[..., None] * v[:, :, None].float()).sum(-2)  # (batch, kv_heads, group, head_dim)
+    return out.reshape(bsz, n_heads, 1, head_dim).to(v.dtype)
+
+
+def use_single_query_attention(model: Transformer) -> Transformer:
+    """Let every block's attention run `single_query_attention`, in place (a compiled CPU step's
+    single queries take it; the rest, and eager forwards, keep scaled_dot_product)."""
+    for block in [*model.layers, *model.extra_heads]:
+        block.attention.sdpa = single_query_attention
     return model
 
 
@@ -165,6 +191,29 @@ FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_bac
                   "autotune_num_choices_displayed": 0}
 
 
+# Guards dynamo checks before every call that frozen steps do not need: the structure of the model's
+# modules (hooks, attribute types, absent attributes) and the identity of its parameters, which a frozen
+# graph holds as constants and never reads again. Some 1,200 of a step's 1,650 guards on the shipped
+# model, ~0.1 ms a call; the guards on inputs, on the KV caches and on module constants stay.
+_MODULE_STRUCTURE_GUARDS = {"EMPTY_NN_MODULE_HOOKS_DICT", "TYPE_MATCH", "NOT_PRESENT_IN_GENERIC_DICT"}
+
+
+def _frozen_guards(guards) -> list[bool]:
+    """torch.compile's guard_filter_fn for frozen steps: which guards to keep (see above). Any guard this
+    does not recognise (guard entries are no stable API) is kept."""
+
+    def needed(guard) -> bool:
+        try:
+            if guard.guard_type == "ID_MATCH" and isinstance(guard.value, nn.Parameter):
+                return False
+            return not (guard.guard_type in _MODULE_STRUCTURE_GUARDS
+                        and guard.orig_guard.source.is_unspecialized_nn_module())
+        except AttributeError:
+            return True
+
+    return [needed(guard) for guard in guards]
+
+
 def _frozen(compiled):
     """`compiled` called with inductor's freezing on: dynamo reads that flag (not the compile options)
     when it traces, to take the parameters as constants of the graph; set per call, since any call
@@ -190,10 +239,13 @@ class DecodeSteps:
     not seen: build new steps).
     `rowwise` makes compiled single-row products fused reductions (`use_rowwise_matmuls`; default:
     on a CPU in bf16 when not frozen); `fuse` computes each block's q, k, v products as one and w1, w3
-    as one (`fuse_projections`; default: when compiled)."""
+    as one (`fuse_projections`; default: when compiled); `single_query` makes compiled attention of one
+    query per row multiplies and sums (`single_query_attention`; default: compiled on a CPU). Frozen
+    steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`)."""
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
-                 rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None):
+                 rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None,
+                 single_query: bool | None = None):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
@@ -212,7 +264,8 @@ class DecodeSteps:
             raise ValueError("freeze=True is for steps compiled without a mode (compile=True, mode=None)")
         self.frozen = freeze
         # torch.compile takes a mode or inductor options, not both.
-        self._compile_kwargs = {"options": FROZEN_OPTIONS} if freeze else {"mode": mode}
+        self._compile_kwargs = ({"options": {**FROZEN_OPTIONS, "guard_filter_fn": _frozen_guards}} if freeze
+                                else {"mode": mode})
         self._compiled_fns: dict = {}
         if rowwise is None:
             # Frozen steps pack the weights for their own kernels, which read them faster than the reductions.
@@ -221,7 +274,8 @@ class DecodeSteps:
             use_rowwise_matmuls(model)
         if compile if fuse is None else fuse:
             fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
-        if compile:
+        if compile and (weight.device.type == "cpu" if single_query is None else single_query):
+            use_single_query_attention(model)
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.step = self.compile_fn(self._step)

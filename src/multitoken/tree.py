@@ -239,18 +239,23 @@ def accept_greedy(tree: Tree, target: torch.Tensor, max_depth: int | None = None
     hold distinct tokens, so it is unique). Past a row's draft count the path repeats padding. The
     depth is the tree's, or `max_depth` if given (then nothing is read from the device)."""
     n = tree.size
-    rows = torch.arange(tree.parent.shape[0], device=target.device)
+    width = int(tree.depth.max()) + 1 if max_depth is None else max_depth + 1
     passes = tree.tokens == target.gather(1, tree.parent)
     passes[:, 0] = True
-    anc = tree.ancestors(max_depth)
-    on_path = ~(anc & ~passes[:, None, :]).any(-1)
-    best = torch.where(on_path, tree.depth, -1).argmax(1)
-    n_acc = tree.depth[rows, best]
-    # Ancestors in index order are in depth order: parents come first.
-    ar = torch.arange(n, device=target.device)
-    width = int(tree.depth.max()) + 1 if max_depth is None else max_depth + 1
-    path = torch.where(anc[rows, best], ar, n).sort(1).values[:, :width]
-    return path.clamp_max(n - 1), n_acc
+    # A node is on an accepted path when it and every ancestor pass: AND down the tree, a level a time
+    # (the root is its own parent).
+    on_path = passes
+    for _ in range(width - 1):
+        on_path = on_path & on_path.gather(1, tree.parent)
+    best = torch.where(on_path, tree.depth, -1).argmax(1, keepdim=True)
+    n_acc = tree.depth.gather(1, best)
+    # Climb from the deepest accepted node to the root, writing each node at its depth.
+    path = torch.full((tree.parent.shape[0], width), n - 1, dtype=torch.long, device=target.device)
+    node = best
+    for _ in range(width):
+        path = path.scatter(1, tree.depth.gather(1, node), node)
+        node = tree.parent.gather(1, node)
+    return path, n_acc.squeeze(1)
 
 
 def _without(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
