@@ -104,6 +104,10 @@ def test_freezing_is_the_default_for_compiled_low_precision_cpu_steps_only(monke
 
     monkeypatch.setattr(multitoken.steps.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}[name])
     assert not DecodeSteps(model, compile=True).frozen
+    # Every option still compiles the steps (a slip once left them eager without single-query attention).
+    for options in ({"single_query": False}, {"single_query": True}, {"fuse": False}, {"freeze": False}):
+        steps = DecodeSteps(model, compile=True, **options)
+        assert steps.step != steps._step and steps.greedy != steps._greedy, options
     with pytest.raises(ValueError, match="freeze=True is for steps compiled without a mode"):
         DecodeSteps(model, compile=True, mode="reduce-overhead", freeze=True)
     with pytest.raises(ValueError, match="freeze=True"):

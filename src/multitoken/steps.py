@@ -276,6 +276,7 @@ class DecodeSteps:
             fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
         if compile and (weight.device.type == "cpu" if single_query is None else single_query):
             use_single_query_attention(model)
+        if compile:
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.step = self.compile_fn(self._step)
