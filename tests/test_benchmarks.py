@@ -50,15 +50,15 @@ def test_bench_sampling_draws_the_reference_tokens():
 @pytest.mark.slow
 def test_bench_steps_times_two_ways_of_compiling_alike(tiny_ckpt):
     # --compare fuse only: --compare freeze runs the same code with other options, and autotuning
-    # its frozen graphs would add minutes to the suite.
+    # its frozen graphs would add minutes to the suite; --tree N too (its step is tests/test_tree's).
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_steps.py"), "--ckpt-dir", str(tiny_ckpt),
-           "--compare", "fuse", "--rounds", "1", "--calls", "2", "--tree", "4"]
+           "--compare", "fuse", "--rounds", "1", "--calls", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "fused and separate greedy steps give the same tokens, accepted counts and drafts: yes" in result.stdout, \
         result.stdout
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("1-token", "3-token", "greedy", "tree 4"))]
-    assert len(rows) == 4 and all(float(r.split()[-1]) > 0 for r in rows), result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("1-token", "3-token", "greedy"))]
+    assert len(rows) == 3 and all(float(r.split()[-1]) > 0 for r in rows), result.stdout
 
 
 @pytest.mark.slow
