@@ -1,12 +1,15 @@
 """Chain vs tree drafting at batch 1, greedy, over several prompts, modes interleaved per prompt.
 
     python benchmarks/bench_tree.py --ckpt-dir CKPT [--tokenizer-path FILE] [--prompts 4] [--trees 4 8 16]
-        [--prompt-len 64] [--new-tokens 64] [--threads 1] [--compile]
+        [--prompt-len 64] [--new-tokens 64] [--headroom 16] [--threads 1] [--compile]
 
 `multitoken bench --tree N` compares one tree with the chain at several batch sizes; this compares
 several tree budgets at batch 1, summing tokens, forwards and seconds over the prompts (the openings
 of held-out standard library modules). tau is exact; tokens/s is one timed pass per prompt after a
-warm-up, so noisy on a shared machine. Greedy output is checked against plain decoding. With
+warm-up, so noisy on a shared machine. Greedy output is checked against plain decoding. The cache
+holds --headroom slots past the last new token, as a server's cache has room past one request: a step
+whose tree (or chain) would pass the end of the cache runs eagerly, and without headroom the last
+steps of every prompt would (a tree of 8 needs 9 free slots, the chain 4). With
 --compile every mode decodes with compiled steps (the chain's fused step, the tree's
 `greedy_tree_step`), each compiled in a warm-up before timing.
 """
@@ -33,6 +36,8 @@ def main() -> None:
     p.add_argument("--trees", type=int, nargs="+", default=[4, 8, 16], help="dynamic tree node budgets")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--headroom", type=int, default=16,
+                   help="cache slots past prompt + new tokens (0: the last steps of each prompt run eagerly)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -42,7 +47,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(a.ckpt_dir, device=a.device, dtype=parse_dtype(a.dtype),
-                       max_seq_len=a.prompt_len + a.new_tokens, max_batch_size=1)
+                       max_seq_len=a.prompt_len + a.new_tokens + a.headroom, max_batch_size=1)
     prompts = code_prompts(load_tokenizer(a.tokenizer_path or a.ckpt_dir / "tokenizer.model"), a.prompts,
                            a.prompt_len)
     llama = Llama(model, IgnoreEOS())
@@ -66,7 +71,7 @@ def main() -> None:
             forwards[mode] += llama.last_stats.forwards if kwargs else len(out[0])
 
     print(f"{a.ckpt_dir}: batch 1, greedy, {len(prompts)} prompts of {a.prompt_len} tokens, {a.new_tokens} new "
-          f"tokens each, {a.device} {a.dtype}, threads {torch.get_num_threads()}{', compiled' if a.compile else ''}")
+          f"tokens each, {a.headroom} slots of headroom, {a.device} {a.dtype}, threads {torch.get_num_threads()}{', compiled' if a.compile else ''}")
     plain_tps = tokens["plain"] / seconds["plain"]
     print(f"{'mode':<8} {'tok/s':>7} {'speedup':>8} {'tau':>5}")
     for mode in modes:

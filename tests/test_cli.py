@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from multitoken.checkpoint import load_model
+from multitoken import steps as steps_mod
 from multitoken.cli import main
 from multitoken.generation import Llama
+from multitoken.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +42,22 @@ def test_generate_streams_the_same_text_as_the_api(tiny_ckpt, capsys):
 
 
 @pytest.mark.slow
-def test_generate_compiled_compiles_first_and_streams_the_same_text(tiny_ckpt, capsys):
+def test_generate_compiled_compiles_first_and_streams_the_same_text(tiny_ckpt, capsys, monkeypatch):
     argv = ["generate", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-gen-len", "12", "--max-seq-len",
             "64", "def main():"]
     main(argv)
     eager = capsys.readouterr()
+    # Every span from 16 slots on that the prompt, its 12 tokens and 16 of room reach compiles first.
+    reach = len(load_tokenizer(tiny_ckpt / "tokenizer.model").encode("def main():", bos=True, eos=False)) + 12 + 16
+    monkeypatch.setattr(steps_mod, "MIN_SPAN", 16)
+    warmed = []
+    spanning = steps_mod.DecodeSteps.spanning
+    monkeypatch.setattr(steps_mod.DecodeSteps, "spanning", lambda self, span: warmed.append(span) or spanning(self, span))
     main([*argv, "--compile"])
     compiled = capsys.readouterr()
     assert compiled.out == eager.out
     assert "[compiled in" in compiled.err and compiled.err.index("[compiled in") < compiled.err.index("tokens/s")
+    assert warmed == ([16, 32] if reach <= 32 else [16, 32, 64])
 
 
 @pytest.mark.parametrize("tree", ["5", "[[0],[1],[0,0]]"])

@@ -4,8 +4,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import random_model, tiny_args
+from multitoken import steps as steps_mod
 from multitoken.generation import Llama
-from multitoken.model import scaled_dot_product
+from multitoken.model import Transformer, scaled_dot_product
 from multitoken.steps import (
     ROWWISE_MAX_ROWS,
     DecodeSteps,
@@ -17,6 +18,7 @@ from multitoken.steps import (
     use_rowwise_matmuls,
 )
 from test_generation import IdTokenizer
+from test_tree import _FusedEagerly
 
 PROMPTS = [[1, 5], [1, 200, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 9, 9]]
 
@@ -61,9 +63,51 @@ def test_full_cache_positions_give_the_logits_of_the_filled_prefix():
         steps.compiled = True  # the compiled steps' positions, run eagerly
         h_full, logits_full = steps.step(tokens, start)
         torch.testing.assert_close(logits_full, logits, rtol=1e-10, atol=1e-10)
+        _, logits_span = steps.step(tokens, start, 16)  # a span of the cache that holds the positions
+        torch.testing.assert_close(logits_span, logits, rtol=1e-10, atol=1e-10)
         index = torch.tensor([2, 0])
         torch.testing.assert_close(steps.draft(h_full, start, index, 2), DecodeSteps(model).draft(h, start, index, 2),
                                    rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_steps_attend_the_least_power_of_two_span_that_holds_their_positions(monkeypatch):
+    monkeypatch.setattr(steps_mod, "MIN_SPAN", 8)
+    model = random_model()
+    model.setup_caches(1, 48)
+    assert DecodeSteps(model).span(5) is None  # eager steps attend exactly the prefix they need
+    steps = DecodeSteps(model)
+    steps.compiled = True
+    assert [steps.span(end) for end in (1, 8, 9, 16, 17, 33, 48)] == [8, 8, 16, 16, 32, 48, 48]
+    assert steps.spans(20) == [8, 16, 32] and steps.spans(500) == [8, 16, 32, 48]
+    with steps.spanning(32):  # a warm-up compiling the span a longer text will reach
+        assert steps.span(3) == 32
+    assert steps.span(3) == 8
+    with pytest.raises(ValueError, match="past max_seq_len=48"):
+        model.positions(torch.tensor([3]), 1, 1, span=64)
+
+
+def test_decoding_across_spans_gives_the_eager_tokens(monkeypatch):
+    """Plain, chain and tree decoding on the compiled steps' paths (run eagerly), the span growing
+    from 8 to the whole cache as the text does."""
+    monkeypatch.setattr(steps_mod, "MIN_SPAN", 8)
+    model = random_model(tiny_args(n_layers=6, n_future_tokens=4), seed=1, dtype=torch.float64).eval()
+    model.setup_caches(len(PROMPTS), 64)
+    eager = Llama(model, IdTokenizer(eos_id=299, n_words=300))
+    expected = eager.generate(PROMPTS, 48, temperature=0)[0]
+    spans = []
+    positions = Transformer.positions
+
+    def recorded(self, *args, span=None, **kwargs):
+        spans.append(span)
+        return positions(self, *args, span=span, **kwargs)
+
+    monkeypatch.setattr(Transformer, "positions", recorded)
+    fused = Llama(model, eager.tokenizer)
+    fused.steps = _FusedEagerly(model)
+    for options in ({}, {"speculative": True}, {"tree": 6}):
+        spans.clear()
+        assert fused.generate(PROMPTS, 48, temperature=0, **options)[0] == expected
+        assert {32, 64} <= set(spans), options  # a tree of 6 after the 11-token prompt starts at 32
 
 
 def test_decode_steps_need_caches():

@@ -182,7 +182,8 @@ class Llama:
                 # A contiguous copy: a column of `tokens` has its length as stride, and the compiled step,
                 # which guards on strides, would compile again for every prompt + max_gen_len.
                 column = tokens[:, prev_pos:cur_pos].clone(memory_format=torch.contiguous_format)
-                _, logits = self.steps.step(column, torch.full((bsz,), prev_pos, device=device))
+                _, logits = self.steps.step(column, torch.full((bsz,), prev_pos, device=device),
+                                            self.steps.span(cur_pos))
             else:
                 logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos).squeeze(2)
             next_token = sample(logits[:, -1], temperature, top_p)

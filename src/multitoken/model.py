@@ -332,14 +332,14 @@ class Transformer(nn.Module):
 
     def positions(
         self, start_pos: int | torch.Tensor, bsz: int, seqlen: int, rows: torch.Tensor | None = None,
-        full_cache: bool = False,
+        span: int | None = None,
     ) -> Positions:
         """Rotary rows and attention mask for `seqlen` tokens per row from `start_pos` on, an int or a
         (batch,) tensor of per-row offsets (which needs the KV caches). `rows` (batch,) picks the KV
-        cache rows to use instead of 0 .. batch - 1 (per-row offsets only). With `full_cache` (per-row
-        offsets only) the mask spans the whole cache, whatever the positions: every step of a given
-        batch and length then has the same shapes, as compiled steps need, and nothing waits for the
-        offsets' values (the caller keeps them below max_seq_len)."""
+        cache rows to use instead of 0 .. batch - 1 (per-row offsets only). With `span` (per-row
+        offsets only) the mask spans the cache's first `span` slots, whatever the positions: every step
+        of a given batch, length and span then has the same shapes, as compiled steps need, and nothing
+        waits for the offsets' values (the caller keeps them below the span)."""
         if self.has_caches and bsz > self.args.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.args.max_batch_size}")
         if isinstance(start_pos, int):
@@ -357,8 +357,9 @@ class Transformer(nn.Module):
         if rows is not None and (rows.shape != (bsz,) or int(rows.min()) < 0 or int(rows.max()) >= self.args.max_batch_size):
             raise ValueError(f"rows must be {bsz} cache rows in [0, {self.args.max_batch_size}), got {rows.tolist()}")
         at = start_pos[:, None] + torch.arange(seqlen, device=start_pos.device)  # (batch, seq)
-        if full_cache:
-            end = self.rope.shape[0]
+        if span is not None:
+            end = span
+            self._check_end(end)
         else:
             end = int(at.max()) + 1
             self._check_end(end)

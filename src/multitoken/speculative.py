@@ -369,7 +369,8 @@ def generate(
         queued_at = time.perf_counter()
         # A step writes positions cur .. cur + j; near the end of the cache, verify fewer drafts. Steps
         # not read yet may have moved a row by up to their j + 1.
-        j = min(drafts.shape[1], max_seq_len - 1 - outputs.furthest(in_flight))
+        furthest = outputs.furthest(in_flight)
+        j = min(drafts.shape[1], max_seq_len - 1 - furthest)
         if in_flight and j < drafts.shape[1]:
             read(in_flight.popleft())  # read first: the true positions may leave room for every draft
             continue
@@ -380,12 +381,13 @@ def generate(
         inp = torch.cat([x0[:, None], drafts[:, :j]], dim=1)
         inp = torch.where(active[:, None], inp, torch.zeros_like(inp))
         step = steps if j == k_next else eager
+        span = step.span(furthest + j + 1)
         if greedy and not logprobs:
             # One fused forward: verify, accept, and draft the next step at the accepted position.
-            step_tokens, n_acc, drafts = step.greedy(inp, start, k_next)
+            step_tokens, n_acc, drafts = step.greedy(inp, start, k_next, span)
             nxt = step_tokens[rows, n_acc]
         else:
-            h, logits0 = step.step(inp, start)  # logits0: (batch, j + 1, vocab)
+            h, logits0 = step.step(inp, start, span)  # logits0: (batch, j + 1, vocab)
             if greedy:
                 step_tokens = logits0.argmax(-1)  # accepted drafts equal the head's tokens
                 n_acc = (step_tokens[:, :j] == drafts[:, :j]).long().cumprod(1).sum(1)
@@ -403,7 +405,7 @@ def generate(
                 nxt = draw(dist)
                 step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
                 step_tokens[rows, n_acc] = nxt
-            drafts, q = draft(step.draft(h, start, n_acc, k_next))
+            drafts, q = draft(step.draft(h, start, n_acc, k_next, span))
 
         results = [step_tokens, n_acc] + ([token_logprobs(logits0, step_tokens)] if logprobs else [])
         in_flight.append(QueuedStep(j, active_list, *to_host(results), k_next=k_next, queued_at=queued_at))

@@ -2,11 +2,15 @@
 
 A decoding loop needs two forwards: a step (tokens at per-row positions through the trunk and the
 next-token head) and, for self-speculation, a draft (the extra heads at one token per row). Eager,
-they attend the cache prefix the positions need. Compiled, they attend the whole cache under a mask
-(`Transformer.positions(..., full_cache=True)`), so every step of a given batch size and token count
-has the same shapes: torch.compile traces each shape once, nothing is allocated or decided in
-Python per block, and on a GPU `mode="reduce-overhead"` replays the step as a CUDA graph. Both
-compute the same function; the model itself knows nothing of compilation.
+they attend the cache prefix the positions need. Compiled, they attend a fixed span of the cache under
+a mask (`Transformer.positions(..., span=...)`), so every step of a given batch size, token count and
+span has the same shapes: torch.compile traces each shape once, nothing is allocated or decided in
+Python per block, and on a GPU `mode="reduce-overhead"` replays the step as a CUDA graph. The span
+is the smallest power of two from MIN_SPAN that holds the positions (`DecodeSteps.span`), at most
+the cache: a step costs what the text so far needs, not what max_seq_len allows (at 2048 slots a
+1-token step of the shipped model cost 1.75x, a speculative one 2.2x, what they cost at 256), for one
+compile per span (a warm-up can compile the spans a run will reach first: `DecodeSteps.spanning`).
+Both compute the same function; the model itself knows nothing of compilation.
 
 On a CPU with bfloat16 or float16 weights, compiled steps are also frozen (`freeze`): inductor takes
 the weights as constants, packs them once into the tiles of its own matrix kernels (AMX and
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -230,6 +235,11 @@ def _room_for_a_second_copy(model: nn.Module) -> bool:
     return 2 * weights < 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# The least cache span compiled steps attend (see the module docstring); spans double from it. 512
+# slots hold a short prompt and `multitoken generate`'s 256 tokens: one span, one compile.
+MIN_SPAN = 512
+
+
 class DecodeSteps:
     """`step`, `draft` and `greedy` (both fused in one graph) for `model`, eager or compiled (`mode`
     is torch.compile's, e.g. "reduce-overhead" for CUDA graphs on a GPU). `freeze` compiles the steps
@@ -250,6 +260,7 @@ class DecodeSteps:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
         self.compiled = compile
+        self.forced_span: int | None = None  # see `spanning`
         # Wall times of self-speculative steps by (batch, drafts), for draft_heads="auto" (speculative.py):
         # kept with the steps, so they are learnt once per model and machine.
         self.step_times: dict[tuple[int, int], StepTimes] = {}
@@ -293,31 +304,65 @@ class DecodeSteps:
             self._compiled_fns[fn] = _frozen(compiled) if self.frozen else compiled
         return self._compiled_fns[fn]
 
-    def _step(self, tokens: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def span(self, end: int) -> int | None:
+        """The cache span a compiled step attends when its rows write below slot `end`: the smallest
+        power of two from MIN_SPAN that holds them, at most the cache. None for eager steps, which
+        attend exactly the prefix their positions need."""
+        if not self.compiled:
+            return None
+        if self.forced_span is not None:
+            return self.forced_span
+        span = MIN_SPAN
+        while span < end:
+            span *= 2
+        return min(span, self.model.args.max_seq_len)
+
+    def spans(self, end: int) -> list[int]:
+        """Every span that steps writing below slot `end` attend: what a warm-up compiles (`spanning`)."""
+        return sorted({self.span(e) for e in range(1, min(end, self.model.args.max_seq_len) + 1)} - {None})
+
+    @contextmanager
+    def spanning(self, span: int):
+        """Every compiled step attends `span` slots inside the block, whatever its positions: a short
+        warm-up then compiles the steps of the span a long generation will reach."""
+        self.forced_span = span
+        try:
+            yield
+        finally:
+            self.forced_span = None
+
+    def _positions(self, start: torch.Tensor, bsz: int, seqlen: int, span: int | None) -> Positions:
+        # Compiled steps need a fixed span (the whole cache unless told); eager ones read the positions.
+        return self.model.positions(start, bsz, seqlen, span=(span or self.model.args.max_seq_len) if self.compiled
+                                    else None)
+
+    def _step(self, tokens: torch.Tensor, start: torch.Tensor, span: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (batch, seq) at positions start[b] .. start[b] + seq - 1 of each row: the trunk output
-        (batch, seq, dim) and the next-token head's float32 logits (batch, seq, vocab)."""
+        (batch, seq, dim) and the next-token head's float32 logits (batch, seq, vocab). Compiled, the
+        step attends the cache's first `span` slots (`span(end)`; default: all of them)."""
         m = self.model
-        pos = m.positions(start, tokens.shape[0], tokens.shape[1], full_cache=self.compiled)
+        pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)
         h = m.forward_trunk(tokens, pos)
         return h, m.logits(m.forward_head(0, h, pos))
 
-    def _draft(self, h: torch.Tensor, start: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    def _draft(self, h: torch.Tensor, start: torch.Tensor, index: torch.Tensor, k: int, span: int | None = None
+               ) -> torch.Tensor:
         """Logits (batch, k, vocab) of extra heads 1 .. k at token index[b] of each row of the trunk
         output h of a `step` at `start`; the heads' keys and values are cached for every token of h."""
-        pos = self.model.positions(start, h.shape[0], h.shape[1], full_cache=self.compiled)
-        return draft_logits(self.model, h, pos, index, k)
+        return draft_logits(self.model, h, self._positions(start, h.shape[0], h.shape[1], span), index, k)
 
-    def _greedy(self, tokens: torch.Tensor, start: torch.Tensor, k: int
+    def _greedy(self, tokens: torch.Tensor, start: torch.Tensor, k: int, span: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A greedy self-speculative step in one forward: tokens (batch, 1 + j) are each row's last token
         and j drafts at `start`. Returns the next-token head's tokens (batch, 1 + j), of which each row
         emits the first n_acc + 1 (accepted drafts equal the head's tokens); n_acc (batch,), the
         drafts the head agrees with before its first disagreement; and k new drafts (batch, k) from the
         extra heads at the last accepted position."""
-        h, logits = self._step(tokens, start)
+        h, logits = self._step(tokens, start, span)
         target = logits.argmax(-1)
         n_acc = (target[:, :-1] == tokens[:, 1:]).long().cumprod(1).sum(1)
-        return target, n_acc, self._draft(h, start, n_acc, k).argmax(-1)
+        return target, n_acc, self._draft(h, start, n_acc, k, span).argmax(-1)
 
 
 def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:

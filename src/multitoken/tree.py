@@ -216,13 +216,15 @@ class TreeDrafter:
         return tree, q
 
 
-def tree_positions(model: Transformer, tree: Tree, start: torch.Tensor, max_depth: int | None = None) -> Positions:
+def tree_positions(model: Transformer, tree: Tree, start: torch.Tensor, max_depth: int | None = None,
+                   span: int | None = None) -> Positions:
     """Node i of row b in cache slot start[b] + i, rotated as position start[b] + depth, seeing the
     row's cache before start[b] and its own ancestors. Given `max_depth` (a compiled step), the mask
-    spans the whole cache and nothing is read from the device: the caller keeps the tree in bounds."""
+    spans the cache's first `span` slots (default: all) and nothing is read from the device: the
+    caller keeps the tree in bounds."""
     bsz, n = tree.parent.shape
     slots = start[:, None] + torch.arange(n, device=start.device)
-    end = int(slots.max()) + 1 if max_depth is None else model.args.max_seq_len
+    end = int(slots.max()) + 1 if max_depth is None else span or model.args.max_seq_len
     rel = torch.arange(end, device=start.device) - start[:, None]  # (batch, end): the node in each slot
     in_tree = (rel >= 0) & (rel < n)
     sees = tree.ancestors(max_depth).gather(2, rel.clamp(0, n - 1)[:, None, :].expand(bsz, n, end))
@@ -302,9 +304,10 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
 
 
 def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Tensor, parent: torch.Tensor,
-                     depth: torch.Tensor, rank: torch.Tensor, start: torch.Tensor
+                     depth: torch.Tensor, rank: torch.Tensor, start: torch.Tensor, span: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One greedy tree step with every shape fixed by the tree's size, for compiling: verify the tree
+    """One greedy tree step with every shape fixed by the tree's size and `span` (the cache slots
+    attended, default all: `DecodeSteps.span`), for compiling: verify the tree
     (tokens, parent, depth, rank: (batch, nodes)) at slots start[b] onwards, accept, compact the
     accepted path's keys/values, run the extra heads on it and draft the next tree. Returns the
     step's tokens (batch, depth + 1), of which each row emits the first n_acc + 1; n_acc (batch,);
@@ -313,7 +316,7 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     later steps overwrite them."""
     width = min(drafter.depth, drafter.budget)  # the deepest a tree of this budget gets
     t = Tree(parent, depth, rank, tokens)
-    tpos = tree_positions(model, t, start, max_depth=width)
+    tpos = tree_positions(model, t, start, max_depth=width, span=span)
     h = model.forward_trunk(tokens, tpos)
     target = model.logits(model.forward_head(0, h, tpos)).argmax(-1)
     path, n_acc = accept_greedy(t, target, max_depth=width)
@@ -324,7 +327,7 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     slots = torch.arange(width + 1, device=tokens.device)
     model.move_cache_entries(start[:, None] + path, start[:, None] + slots, extra_heads=False)
     h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
-    pos = model.positions(start, tokens.shape[0], width + 1, full_cache=True)
+    pos = model.positions(start, tokens.shape[0], width + 1, span=span or model.args.max_seq_len)
     nt, _ = drafter(draft_logits(model, h, pos, n_acc, drafter.depth), nxt, 0.0, 1.0)
     return step_tokens, n_acc, nt.tokens, nt.parent, nt.depth, nt.rank
 
@@ -386,7 +389,8 @@ def generate(
 
     while not all(outputs.done):
         # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
-        room = max_seq_len - outputs.furthest(in_flight)
+        furthest = outputs.furthest(in_flight)
+        room = max_seq_len - furthest
         use_fused = fused is not None and room >= full_size
         if in_flight and not use_fused:
             read(in_flight.popleft())  # eager steps, and the end of the cache, need the true positions
@@ -398,7 +402,8 @@ def generate(
         tokens = torch.where(active[:, None], t.tokens, 0)
         depths = t.depth.max(1).values
         if use_fused:
-            step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start)
+            span = steps.span(furthest + full_size)
+            step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start, span)
             nxt = step_tokens[rows, n_acc]
             in_flight.append(QueuedStep(width, active_list, *to_host([step_tokens, n_acc, depths])))
             cur, x0 = cur + n_acc + 1, nxt

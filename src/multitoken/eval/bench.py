@@ -169,15 +169,16 @@ def step_costs(llama: Llama, batch_sizes: Sequence[int], position: int, k: int, 
     model, steps = llama.model, llama.steps
     device = model.tok_embeddings.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # Bytes read: compiled steps attend the whole cache, eager ones the filled part.
-    cached = model.args.max_seq_len if steps.compiled else position + 1
+    # Bytes read: compiled steps attend a span of the cache (as decoding would there), eager ones the filled part.
+    span = steps.span(position + 1 + k)
+    cached = span or position + 1
     out = []
     for bs in batch_sizes:
         start = torch.full((bs,), position, device=device)
         one = torch.zeros(bs, 1, dtype=torch.long, device=device)
         many = torch.zeros(bs, 1 + k, dtype=torch.long, device=device)
-        fns = {"plain": lambda: steps.step(one, start), "verify": lambda: steps.step(many, start),
-               "spec": lambda: steps.greedy(many, start, k)}
+        fns = {"plain": lambda: steps.step(one, start, span), "verify": lambda: steps.step(many, start, span),
+               "spec": lambda: steps.greedy(many, start, k, span)}
         times: dict[str, list[float]] = {name: [] for name in fns}
         with torch.inference_mode():
             for rnd in range(repeats + 2):  # two warm-up rounds (compilation)
