@@ -110,6 +110,24 @@ def test_decoding_across_spans_gives_the_eager_tokens(monkeypatch):
         assert {32, 64} <= set(spans), options  # a tree of 6 after the 11-token prompt starts at 32
 
 
+@pytest.mark.slow
+def test_compiled_decoding_across_spans_gives_the_eager_greedy_tokens(monkeypatch):
+    """Compiled plain and self-speculative steps attending spans of 16, 32 and 64 slots as the text grows."""
+    monkeypatch.setattr(steps_mod, "MIN_SPAN", 16)
+    model = random_model(tiny_args(n_layers=6, n_future_tokens=4), seed=1).eval()
+    model.setup_caches(1, 64)
+    eager = Llama(model, IdTokenizer(eos_id=299, n_words=300))
+    prompt = PROMPTS[1]  # 11 tokens: 40 more cross into the span of 64
+    expected = eager.generate([prompt], 40, temperature=0)[0]
+    compiled = Llama(model, eager.tokenizer).compile()
+    spans = []
+    span = compiled.steps.span
+    compiled.steps.span = lambda end: spans.append(span(end)) or spans[-1]
+    assert compiled.generate([prompt], 40, temperature=0)[0] == expected
+    assert compiled.generate([prompt], 40, temperature=0, speculative=True)[0] == expected
+    assert {16, 32, 64} <= set(spans)
+
+
 def test_decode_steps_need_caches():
     with pytest.raises(ValueError, match="setup_caches"):
         DecodeSteps(random_model())
