@@ -357,12 +357,8 @@ class Transformer(nn.Module):
         if rows is not None and (rows.shape != (bsz,) or int(rows.min()) < 0 or int(rows.max()) >= self.args.max_batch_size):
             raise ValueError(f"rows must be {bsz} cache rows in [0, {self.args.max_batch_size}), got {rows.tolist()}")
         at = start_pos[:, None] + torch.arange(seqlen, device=start_pos.device)  # (batch, seq)
-        if span is not None:
-            end = span
-            self._check_end(end)
-        else:
-            end = int(at.max()) + 1
-            self._check_end(end)
+        end = span if span is not None else int(at.max()) + 1
+        self._check_end(end)
         # Each row's queries see its own keys up to their position: stale entries past it never count.
         mask = torch.arange(end, device=at.device) <= at[..., None]
         return Positions(at, self.rope[at], mask.unsqueeze(1), rows)
