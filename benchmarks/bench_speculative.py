@@ -8,9 +8,8 @@ Prompts are the openings of Python standard library modules (without a tokenizer
 --prompts of them (default: the largest batch size), and every batch size decodes all of them.
 Prints tokens/s of each mode, the speedup, tokens per forward (tau, counting the verified token) and
 the acceptance rate of each draft position, for the chain and, with --tree, for tree drafting;
-`multitoken bench` is the same report from the CLI. The cache has 16 slots (or the tree's size) past
-the last new token, as a server's cache has room past one request: a step whose chain or tree would
-pass the end of the cache runs eagerly, and without the room the last steps of every prompt would.
+`multitoken bench` is the same report from the CLI. The cache has room past the last new token
+(`eval.bench.cache_room`).
 
 Then the cost of one step at each batch size, interleaved: a decode step (1 token per row), a verify
 step (1 + k tokens) and a whole greedy self-speculative step (verify, accept, draft), with the bytes
@@ -27,6 +26,7 @@ import torch
 
 from multitoken.checkpoint import load_model
 from multitoken.eval.bench import (
+    cache_room,
     code_prompts,
     copy_bandwidth,
     format_report,
@@ -65,7 +65,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(a.ckpt_dir, device=a.device, dtype=parse_dtype(a.dtype),
-                       max_seq_len=a.prompt_len + a.new_tokens + max(16, (a.tree or 0) + 1),
+                       max_seq_len=a.prompt_len + a.new_tokens + cache_room(a.tree or 0),
                        max_batch_size=max(a.batch_sizes))
     n_prompts = a.prompts or max(a.batch_sizes)
     tok_path = a.tokenizer_path or a.ckpt_dir / "tokenizer.model"

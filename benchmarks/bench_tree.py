@@ -1,7 +1,7 @@
 """Chain vs tree drafting at batch 1, greedy, over several prompts, modes interleaved per prompt.
 
     python benchmarks/bench_tree.py --ckpt-dir CKPT [--tokenizer-path FILE] [--prompts 4] [--trees 4 8 16]
-        [--prompt-len 64] [--new-tokens 64] [--headroom 16] [--threads 1] [--compile]
+        [--prompt-len 64] [--new-tokens 64] [--headroom N] [--threads 1] [--compile]
 
 `multitoken bench --tree N` compares one tree with the chain at several batch sizes; this compares
 several tree budgets at batch 1, summing tokens, forwards and seconds over the prompts (the openings
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from multitoken.checkpoint import load_model
-from multitoken.eval.bench import IgnoreEOS, code_prompts
+from multitoken.eval.bench import IgnoreEOS, cache_room, code_prompts
 from multitoken.generation import Llama, parse_dtype
 from multitoken.tokenizer import load_tokenizer
 
@@ -36,13 +36,16 @@ def main() -> None:
     p.add_argument("--trees", type=int, nargs="+", default=[4, 8, 16], help="dynamic tree node budgets")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--headroom", type=int, default=16,
-                   help="cache slots past prompt + new tokens (0: the last steps of each prompt run eagerly)")
+    p.add_argument("--headroom", type=int, default=None,
+                   help="cache slots past prompt + new tokens (default: eval.bench.cache_room of the largest tree; "
+                        "0: the last steps of each prompt run eagerly)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="compiled fixed-shape steps for every mode")
     a = p.parse_args()
+    if a.headroom is None:
+        a.headroom = cache_room(max(a.trees))
 
     if a.threads:
         torch.set_num_threads(a.threads)

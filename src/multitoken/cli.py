@@ -47,12 +47,12 @@ def generate(
     elif speculative and llama.model.n_future_tokens == 1:
         raise SystemExit(f"error: --speculative needs extra prediction heads, but {ckpt_dir} has "
                          f"n_future_tokens=1: drop --speculative, or add heads (multitoken train --add-heads K)")
+    encoded = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     if compile:  # compile before the first prompt, so its tokens/s is the decoding's, not the compiler's
         print("[compiling the decode steps: once per process, a minute or more on a CPU]", file=sys.stderr, flush=True)
         start = time.perf_counter()
         # "auto" times every draft count first: a longer warm-up compiles them all.
         warmup = 32 if draft_heads == "auto" else 8
-        encoded = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         # Steps attend a span of the cache that grows with the text: compile each span the prompts can
         # reach now, not in the middle of a completion.
         for span in llama.steps.spans(max(map(len, encoded)) + max_gen_len + 16):
@@ -61,8 +61,7 @@ def generate(
                                draft_heads=draft_heads, tree=tree)
         torch.manual_seed(seed)  # the warm-up drew samples: start the prompts where a plain run starts
         print(f"[compiled in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
-    for prompt in prompts:
-        prompt_tokens = llama.tokenizer.encode(prompt, bos=True, eos=False)
+    for prompt, prompt_tokens in zip(prompts, encoded):
         stream = StreamDecoder(llama.tokenizer)
         print(prompt, end="", flush=True)
         start, n = time.perf_counter(), 0
@@ -349,18 +348,15 @@ def bench(
     """Speed report: plain vs self-speculative decoding, the chain and with --tree tree drafting too (tokens/s,
     speedup, tau, acceptance by draft position), table and chart."""
     from multitoken.checkpoint import default_ckpt_dir
-    from multitoken.eval.bench import code_prompts, format_report, plot_report, speed_report
+    from multitoken.eval.bench import cache_room, code_prompts, format_report, plot_report, speed_report
     from multitoken.generation import Llama
     from multitoken.tree import close_paths
 
     png = png or (ckpt_dir / "speed.png" if ckpt_dir else Path("speed.png"))  # not into the installed package
     ckpt_dir = ckpt_dir or default_ckpt_dir()
-    # Room past the last new token for one more step's chain or tree, as a server's cache has room past one
-    # request: a step whose nodes would pass the end of the cache runs eagerly, and without the room the
-    # last steps of every prompt would.
     nodes = (tree if isinstance(tree, int) else len(close_paths(tree, max(map(len, tree))))) if tree else 0
     llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir),
-                        max_seq_len=prompt_len + new_tokens + max(16, nodes + 1),
+                        max_seq_len=prompt_len + new_tokens + cache_room(nodes),
                         max_batch_size=max(batch_sizes), device=device, dtype=dtype, compile=compile)
     prompts = code_prompts(llama.tokenizer, max(batch_sizes), prompt_len)
     rows = speed_report(llama, prompts, batch_sizes, temperatures, new_tokens=new_tokens, repeats=repeats,

@@ -96,8 +96,8 @@ class Llama:
         """Decode with torch.compile'd fixed-shape steps (`multitoken.steps`): one compilation per
         batch size, step length and cache span (512 slots, then doubling as a text grows), on the first
         call that needs it (a minute or more on a CPU; `with llama.steps.spanning(s):` around a short
-        generation compiles span s ahead), then no per-step Python work that grows with the model. `mode` is torch.compile's
-        ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
+        generation compiles span s ahead), then no per-step Python work that grows with the model.
+        `mode` is torch.compile's ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
         compiler's floating-point reassociation. Greedy tree steps compile too (tree.greedy_tree_step).
         `rowwise`, `fuse` and `freeze`: see DecodeSteps."""
         self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse, freeze=freeze)

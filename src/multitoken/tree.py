@@ -315,6 +315,7 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     compacted and fed to the extra heads too, into slots past the row's end, which masks hide until
     later steps overwrite them."""
     width = min(drafter.depth, drafter.budget)  # the deepest a tree of this budget gets
+    span = span or model.args.max_seq_len
     t = Tree(parent, depth, rank, tokens)
     tpos = tree_positions(model, t, start, max_depth=width, span=span)
     h = model.forward_trunk(tokens, tpos)
@@ -327,7 +328,7 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     slots = torch.arange(width + 1, device=tokens.device)
     model.move_cache_entries(start[:, None] + path, start[:, None] + slots, extra_heads=False)
     h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
-    pos = model.positions(start, tokens.shape[0], width + 1, span=span or model.args.max_seq_len)
+    pos = model.positions(start, tokens.shape[0], width + 1, span=span)
     nt, _ = drafter(draft_logits(model, h, pos, n_acc, drafter.depth), nxt, 0.0, 1.0)
     return step_tokens, n_acc, nt.tokens, nt.parent, nt.depth, nt.rank
 

@@ -67,6 +67,13 @@ def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
     total.accepted = [x + y for x, y in zip(total.accepted, s.accepted)]
 
 
+def cache_room(tree_nodes: int = 0) -> int:
+    """Cache slots a benchmark leaves past its last new token, as a server's cache has room past one
+    request: a step whose chain or tree (`tree_nodes` draft nodes) would pass the end of the cache runs
+    eagerly, and without the room the last steps of every prompt would."""
+    return max(16, tree_nodes + 1)
+
+
 def speed_report(llama: Llama, prompts: list[list[int]], batch_sizes: Sequence[int], temperatures: Sequence[float], *,
                  new_tokens: int = 128, repeats: int = 3, top_p: float = 0.95, draft_heads: int | str | None = None,
                  tree: TreeSpec | None = None, log=print) -> list[SpeedRow]:
