@@ -1,14 +1,16 @@
 """Compiled decoding in a long cache: steps that attend a span of it against steps that attend all of it.
 
     python benchmarks/bench_span.py --ckpt-dir CKPT [--max-seq-len 2048] [--prompts 4] [--prompt-len 64]
-        [--new-tokens 128] [--rounds 3] [--dtype bfloat16] [--threads 2]
+        [--new-tokens 128] [--rounds 3] [--dtype bfloat16] [--threads 2] [--tree 8]
 
-Compiled steps have fixed shapes, so they cannot attend exactly the filled part of the KV cache. They
-attend the smallest power of two from `steps.MIN_SPAN` slots that holds their positions
-(`DecodeSteps.span`); the baseline is what they did before: the whole cache, max_seq_len slots (2048
-is `multitoken generate`'s default). Two copies of the model, both compiled (the warm-up compiles),
-decode the same prompts greedily, plain and self-speculatively, interleaved per prompt; prints
-tokens/s of each and the ratio, and checks that both give the same tokens.
+Compiled steps cannot attend exactly the filled part of the KV cache: they attend a span of it that
+grows with the text (`DecodeSteps.span`). Three ways, each a compiled copy of the model (the warm-up
+compiles): "whole cache", every step attends max_seq_len slots (2048 is `multitoken generate`'s
+default); "powers of two", the least power of two from `steps.MIN_SPAN` that holds the positions, a
+graph per span (GPU steps); "windows", the written slots rounded up to `steps.WINDOW`, one graph for
+every span (`dynamic_span`, CPU steps). All decode the same prompts greedily, plain and
+self-speculatively (and with `--tree N`, tree drafting), interleaved per prompt; prints tokens/s of each and the ratios, and checks that all
+give the same tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tree", type=int, default=None, help="also decode with a dynamic draft tree of this many nodes")
     a = p.parse_args()
     if a.prompt_len + a.new_tokens > a.max_seq_len:
         raise SystemExit(f"error: --prompt-len + --new-tokens ({a.prompt_len + a.new_tokens}) exceeds --max-seq-len")
@@ -45,13 +48,13 @@ def main() -> None:
 
     prompts = code_prompts(load_tokenizer(a.tokenizer_path or a.ckpt_dir / "tokenizer.model"), a.prompts, a.prompt_len)
     llamas = {}
-    for way in ("whole cache", "span"):
+    for way in ("whole cache", "powers of two", "windows"):
         model = load_model(a.ckpt_dir, device=a.device, dtype=parse_dtype(a.dtype), max_seq_len=a.max_seq_len,
                            max_batch_size=1)
         llamas[way] = Llama(model, IgnoreEOS()).compile()
-    whole = llamas["whole cache"].steps
-    whole.span = lambda end: a.max_seq_len  # the baseline: every compiled step attends every slot
-    modes = {"plain": {}, "speculative": {"speculative": True}}
+        llamas[way].steps.dynamic_span = way == "windows"
+    llamas["whole cache"].steps.span = lambda end: a.max_seq_len  # every compiled step attends every slot
+    modes = {"plain": {}, "speculative": {"speculative": True}, **({f"tree {a.tree}": {"tree": a.tree}} if a.tree else {})}
     print(f"{a.ckpt_dir}: max_seq_len {a.max_seq_len}, batch 1, greedy, {len(prompts)} prompts of {a.prompt_len} "
           f"tokens, {a.new_tokens} new, {a.device} {a.dtype}, threads {torch.get_num_threads()}; compiling...",
           flush=True)
@@ -69,12 +72,13 @@ def main() -> None:
                     start = time.perf_counter()
                     outs.append(llama.generate([prompt], a.new_tokens, temperature=0, **kwargs)[0])
                     seconds[way, mode] += time.perf_counter() - start
-                same &= outs[0] == outs[1]
+                same &= all(out == outs[0] for out in outs)
     n = a.rounds * len(prompts) * a.new_tokens
-    print(f"{'mode':<12} {'whole cache tok/s':>17} {'span tok/s':>10} {'ratio':>6}")
+    print(f"{'mode':<12} {'whole cache':>11} {'powers of two':>13} {'windows':>8}  {'pow2/whole':>10} {'windows/pow2':>12}"
+          "  (tok/s)")
     for mode in modes:
-        whole_tps, span_tps = n / seconds["whole cache", mode], n / seconds["span", mode]
-        print(f"{mode:<12} {whole_tps:>17.1f} {span_tps:>10.1f} {span_tps / whole_tps:>5.2f}x")
+        whole, pow2, windows = (n / seconds[way, mode] for way in llamas)
+        print(f"{mode:<12} {whole:>11.1f} {pow2:>13.1f} {windows:>8.1f}  {pow2 / whole:>9.2f}x {windows / pow2:>11.2f}x")
     print(f"same tokens: {'yes' if same else 'NO'}")
 
 

@@ -95,7 +95,7 @@ def _decode(llama: Llama, prompts, max_gen_len: int, lag: int, seed: int = 0, **
     steps = llama.steps
     for name in ("step", "greedy"):
         forward = getattr(type(steps), "_" + name).__get__(steps)
-        setattr(steps, name, lambda *a, f=forward: calls.append(1) or f(*a))
+        setattr(steps, name, lambda *a, f=forward, **kw: calls.append(1) or f(*a, **kw))
     torch.manual_seed(seed)
     try:
         out = speculative.generate(llama.model, prompts, max_gen_len, llama.tokenizer.eos_id, lag=lag, steps=steps,

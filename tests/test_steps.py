@@ -63,20 +63,20 @@ def test_full_cache_positions_give_the_logits_of_the_filled_prefix():
         steps.compiled = True  # the compiled steps' positions, run eagerly
         h_full, logits_full = steps.step(tokens, start)
         torch.testing.assert_close(logits_full, logits, rtol=1e-10, atol=1e-10)
-        _, logits_span = steps.step(tokens, start, 16)  # a span of the cache that holds the positions
+        _, logits_span = steps.step(tokens, start, span=16)  # a span of the cache that holds the positions
         torch.testing.assert_close(logits_span, logits, rtol=1e-10, atol=1e-10)
         index = torch.tensor([2, 0])
         torch.testing.assert_close(steps.draft(h_full, start, index, 2), DecodeSteps(model).draft(h, start, index, 2),
                                    rtol=1e-10, atol=1e-10)
 
 
-def test_compiled_steps_attend_the_least_power_of_two_span_that_holds_their_positions(monkeypatch):
+def test_compiled_gpu_steps_attend_the_least_power_of_two_span_that_holds_their_positions(monkeypatch):
     monkeypatch.setattr(steps_mod, "MIN_SPAN", 8)
     model = random_model()
     model.setup_caches(1, 48)
     assert DecodeSteps(model).span(5) is None  # eager steps attend exactly the prefix they need
     steps = DecodeSteps(model)
-    steps.compiled = True
+    steps.compiled, steps.dynamic_span = True, False  # a GPU's: one graph per span
     assert [steps.span(end) for end in (1, 8, 9, 16, 17, 33, 48)] == [8, 8, 16, 16, 32, 48, 48]
     assert steps.spans(20) == [8, 16, 32] and steps.spans(500) == [8, 16, 32, 48]
     with steps.spanning(32):  # a warm-up compiling the span a longer text will reach
@@ -86,9 +86,23 @@ def test_compiled_steps_attend_the_least_power_of_two_span_that_holds_their_posi
         model.positions(torch.tensor([3]), 1, 1, span=64)
 
 
-def test_decoding_across_spans_gives_the_eager_tokens(monkeypatch):
+def test_compiled_cpu_steps_attend_the_written_slots_rounded_up_in_one_graph():
+    model = random_model()
+    model.setup_caches(1, 56)
+    steps = DecodeSteps(model)
+    steps.compiled, steps.dynamic_span = True, True
+    assert [steps.span(end) for end in (1, 16, 17, 33, 48, 49, 56)] == [16, 16, 32, 48, 48, 56, 56]
+    # One graph serves every span short of the cache; the whole cache is a second.
+    assert steps.spans(40) == [16] and steps.spans(500) == [16, 56]
+    window = steps.window(32)
+    assert window.shape == (32,) and steps.window(None).shape == (56,)
+    assert window.untyped_storage().data_ptr() == steps.window(48).untyped_storage().data_ptr()  # no allocation
+
+
+@pytest.mark.parametrize("dynamic_span", [False, True], ids=["powers of two", "windows"])
+def test_decoding_across_spans_gives_the_eager_tokens(monkeypatch, dynamic_span):
     """Plain, chain and tree decoding on the compiled steps' paths (run eagerly), the span growing
-    from 8 to the whole cache as the text does."""
+    from 8 (or 16) to the whole cache as the text does."""
     monkeypatch.setattr(steps_mod, "MIN_SPAN", 8)
     model = random_model(tiny_args(n_layers=6, n_future_tokens=4), seed=1, dtype=torch.float64).eval()
     model.setup_caches(len(PROMPTS), 64)
@@ -104,28 +118,32 @@ def test_decoding_across_spans_gives_the_eager_tokens(monkeypatch):
     monkeypatch.setattr(Transformer, "positions", recorded)
     fused = Llama(model, eager.tokenizer)
     fused.steps = _FusedEagerly(model)
+    fused.steps.dynamic_span = dynamic_span
     for options in ({}, {"speculative": True}, {"tree": 6}):
         spans.clear()
         assert fused.generate(PROMPTS, 48, temperature=0, **options)[0] == expected
-        assert {32, 64} <= set(spans), options  # a tree of 6 after the 11-token prompt starts at 32
+        # A tree of 6 after the 11-token prompt starts at 32 (the least power of two from 8 above 17).
+        assert ({32, 48, 64} if dynamic_span else {32, 64}) <= set(spans), options
 
 
 @pytest.mark.slow
-def test_compiled_decoding_across_spans_gives_the_eager_greedy_tokens(monkeypatch):
-    """Compiled plain and self-speculative steps attending spans of 16, 32 and 64 slots as the text grows."""
-    monkeypatch.setattr(steps_mod, "MIN_SPAN", 16)
+def test_compiled_decoding_across_spans_gives_the_eager_greedy_tokens():
+    """Compiled plain and self-speculative steps attending spans of 16 to 64 slots as the text grows: one
+    graph for the spans short of the cache, one for the whole cache."""
     model = random_model(tiny_args(n_layers=6, n_future_tokens=4), seed=1).eval()
     model.setup_caches(1, 64)
     eager = Llama(model, IdTokenizer(eos_id=299, n_words=300))
-    prompt = PROMPTS[1]  # 11 tokens: 40 more cross into the span of 64
+    prompt = PROMPTS[1]  # 11 tokens: 40 more reach the end of the 64-slot cache
     expected = eager.generate([prompt], 40, temperature=0)[0]
     compiled = Llama(model, eager.tokenizer).compile()
     spans = []
     span = compiled.steps.span
     compiled.steps.span = lambda end: spans.append(span(end)) or spans[-1]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled.generate([prompt], 40, temperature=0)[0] == expected
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
     assert compiled.generate([prompt], 40, temperature=0, speculative=True)[0] == expected
-    assert {16, 32, 64} <= set(spans)
+    assert {16, 32, 48, 64} <= set(spans)
 
 
 def test_decode_steps_need_caches():

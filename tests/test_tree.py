@@ -206,9 +206,9 @@ class _FusedEagerly(DecodeSteps):
         self.calls = 0
 
     def compile_fn(self, fn):
-        def counted(*args):
+        def counted(*args, **kwargs):
             self.calls += 1
-            return fn(*args)
+            return fn(*args, **kwargs)
         return counted
 
 

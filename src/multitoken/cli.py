@@ -53,8 +53,8 @@ def generate(
         start = time.perf_counter()
         # "auto" times every draft count first: a longer warm-up compiles them all.
         warmup = 32 if draft_heads == "auto" else 8
-        # Steps attend a span of the cache that grows with the text: compile each span the prompts can
-        # reach now, not in the middle of a completion.
+        # Steps attend a span of the cache that grows with the text: compile every graph of the spans the
+        # prompts can reach now, not in the middle of a completion.
         for span in llama.steps.spans(max(map(len, encoded)) + max_gen_len + 16):
             with llama.steps.spanning(span):
                 llama.generate([encoded[0]], warmup, temperature=temperature, top_p=top_p, speculative=speculative,

@@ -94,9 +94,10 @@ class Llama:
     def compile(self, mode: str | None = None, rowwise: bool | None = None, fuse: bool | None = None,
                 freeze: bool | None = None) -> Llama:
         """Decode with torch.compile'd fixed-shape steps (`multitoken.steps`): one compilation per
-        batch size, step length and cache span (512 slots, then doubling as a text grows), on the first
-        call that needs it (a minute or more on a CPU; `with llama.steps.spanning(s):` around a short
-        generation compiles span s ahead), then no per-step Python work that grows with the model.
+        batch size and step length (and on a GPU per cache span: 512 slots, then doubling as a text
+        grows; on a CPU one for every span short of the whole cache and one for the whole cache), on
+        the first call that needs it (a minute or more on a CPU; `with llama.steps.spanning(s):` around
+        a short generation compiles span s ahead), then no per-step Python work that grows with the model.
         `mode` is torch.compile's ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
         compiler's floating-point reassociation. Greedy tree steps compile too (tree.greedy_tree_step).
         `rowwise`, `fuse` and `freeze`: see DecodeSteps."""
@@ -184,7 +185,7 @@ class Llama:
                 # which guards on strides, would compile again for every prompt + max_gen_len.
                 column = tokens[:, prev_pos:cur_pos].clone(memory_format=torch.contiguous_format)
                 _, logits = self.steps.step(column, torch.full((bsz,), prev_pos, device=device),
-                                            self.steps.span(cur_pos))
+                                            span=self.steps.span(cur_pos))
             else:
                 logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos).squeeze(2)
             next_token = sample(logits[:, -1], temperature, top_p)

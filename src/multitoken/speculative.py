@@ -384,10 +384,10 @@ def generate(
         span = step.span(furthest + j + 1)
         if greedy and not logprobs:
             # One fused forward: verify, accept, and draft the next step at the accepted position.
-            step_tokens, n_acc, drafts = step.greedy(inp, start, k_next, span)
+            step_tokens, n_acc, drafts = step.greedy(inp, start, k_next, span=span)
             nxt = step_tokens[rows, n_acc]
         else:
-            h, logits0 = step.step(inp, start, span)  # logits0: (batch, j + 1, vocab)
+            h, logits0 = step.step(inp, start, span=span)  # logits0: (batch, j + 1, vocab)
             if greedy:
                 step_tokens = logits0.argmax(-1)  # accepted drafts equal the head's tokens
                 n_acc = (step_tokens[:, :j] == drafts[:, :j]).long().cumprod(1).sum(1)
@@ -405,7 +405,7 @@ def generate(
                 nxt = draw(dist)
                 step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
                 step_tokens[rows, n_acc] = nxt
-            drafts, q = draft(step.draft(h, start, n_acc, k_next, span))
+            drafts, q = draft(step.draft(h, start, n_acc, k_next, span=span))
 
         results = [step_tokens, n_acc] + ([token_logprobs(logits0, step_tokens)] if logprobs else [])
         in_flight.append(QueuedStep(j, active_list, *to_host(results), k_next=k_next, queued_at=queued_at))

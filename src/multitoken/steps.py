@@ -6,10 +6,12 @@ they attend the cache prefix the positions need. Compiled, they attend a fixed s
 a mask (`Transformer.positions(..., span=...)`), so every step of a given batch size, token count and
 span has the same shapes: torch.compile traces each shape once, nothing is allocated or decided in
 Python per block, and on a GPU `mode="reduce-overhead"` replays the step as a CUDA graph. The span
-is the smallest power of two from MIN_SPAN that holds the positions (`DecodeSteps.span`), at most
-the cache: a step costs what the text so far needs, not what max_seq_len allows (at 2048 slots a
-1-token step of the shipped model cost 1.75x, a speculative one 2.2x, what they cost at 256), for one
-compile per span (a warm-up can compile the spans a run will reach first: `DecodeSteps.spanning`).
+grows with the text (`DecodeSteps.span`): a step costs what the text so far needs, not what
+max_seq_len allows (at 2048 slots a 1-token step of the shipped model cost 1.75x, a speculative one
+2.2x, what they cost at 256). On a CPU it is the written slots rounded up to WINDOW slots and reaches
+the compiled step as the length of a tensor marked dynamic (`DecodeSteps.window`), so one graph serves
+every span short of the whole cache. On a GPU it is a power of two from MIN_SPAN, one graph (and CUDA
+graph) per span; a warm-up can compile the spans a run will reach first (`DecodeSteps.spanning`).
 Both compute the same function; the model itself knows nothing of compilation.
 
 On a CPU with bfloat16 or float16 weights, compiled steps are also frozen (`freeze`): inductor takes
@@ -235,9 +237,19 @@ def _room_for_a_second_copy(model: nn.Module) -> bool:
     return 2 * weights < 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# The least cache span compiled steps attend (see the module docstring); spans double from it. 512
-# slots hold a short prompt and `multitoken generate`'s 256 tokens: one span, one compile.
+# Compiled CPU steps attend the slots they write rounded up to a multiple of WINDOW (whole vectors for the
+# mask and the fused single-query attention, and never a span of 1, which dynamo would specialise).
+WINDOW = 16
+# Compiled GPU steps attend the least power of two from MIN_SPAN slots that holds their positions: few
+# distinct spans, since each is a CUDA graph of its own. 512 slots hold a short prompt and `multitoken
+# generate`'s 256 tokens: one span, one compile.
 MIN_SPAN = 512
+
+
+def span_length(span: int | torch.Tensor | None) -> int | None:
+    """A step's span given as an int, or as compiled steps receive it: a tensor of that length
+    (`DecodeSteps.window`)."""
+    return span.shape[0] if isinstance(span, torch.Tensor) else span
 
 
 class DecodeSteps:
@@ -250,17 +262,22 @@ class DecodeSteps:
     `rowwise` makes compiled single-row products fused reductions (`use_rowwise_matmuls`; default:
     on a CPU in bf16 when not frozen); `fuse` computes each block's q, k, v products as one and w1, w3
     as one (`fuse_projections`; default: when compiled); `single_query` makes compiled attention of one
-    query per row multiplies and sums (`single_query_attention`; default: compiled on a CPU). Frozen
-    steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`)."""
+    query per row multiplies and sums (`single_query_attention`; default: compiled on a CPU);
+    `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
+    written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
+    Frozen steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`)."""
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
                  rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None,
-                 single_query: bool | None = None):
+                 single_query: bool | None = None, dynamic_span: bool | None = None):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
         self.compiled = compile
         self.forced_span: int | None = None  # see `spanning`
+        device = model.tok_embeddings.weight.device
+        self.dynamic_span = compile and (device.type == "cpu" if dynamic_span is None else dynamic_span)
+        self._slots = torch.empty(0, dtype=torch.uint8, device=device)  # windows are views of it
         # Wall times of self-speculative steps by (batch, drafts), for draft_heads="auto" (speculative.py):
         # kept with the steps, so they are learnt once per model and machine.
         self.step_times: dict[tuple[int, int], StepTimes] = {}
@@ -296,30 +313,59 @@ class DecodeSteps:
 
     def compile_fn(self, fn):
         """`fn` compiled as these steps are (once per function), for fused forwards defined beside the
-        decoding loops that use them (tree.greedy_tree_step); `fn` itself for eager steps."""
+        decoding loops that use them (tree.greedy_tree_step); `fn` itself for eager steps. `fn` takes
+        its span as a keyword (an int, or None for the whole cache); compiled, it receives the span's
+        `window` instead, so that dynamo need not compile each int anew."""
         if not self.compiled:
             return fn
         if fn not in self._compiled_fns:
             compiled = torch.compile(fn, dynamic=False, fullgraph=True, **self._compile_kwargs)
-            self._compiled_fns[fn] = _frozen(compiled) if self.frozen else compiled
+            compiled = _frozen(compiled) if self.frozen else compiled
+
+            def windowed(*args, span: int | None = None):
+                return compiled(*args, span=self.window(span))
+
+            self._compiled_fns[fn] = windowed
         return self._compiled_fns[fn]
 
     def span(self, end: int) -> int | None:
-        """The cache span a compiled step attends when its rows write below slot `end`: the smallest
-        power of two from MIN_SPAN that holds them, at most the cache. None for eager steps, which
-        attend exactly the prefix their positions need."""
+        """The cache span a compiled step attends when its rows write below slot `end` (see the module
+        docstring), at most the cache. None for eager steps, which attend exactly the prefix their
+        positions need."""
         if not self.compiled:
             return None
         if self.forced_span is not None:
             return self.forced_span
-        span = MIN_SPAN
-        while span < end:
-            span *= 2
+        if self.dynamic_span:
+            span = -(-end // WINDOW) * WINDOW
+        else:
+            span = MIN_SPAN
+            while span < end:
+                span *= 2
         return min(span, self.model.args.max_seq_len)
 
     def spans(self, end: int) -> list[int]:
-        """Every span that steps writing below slot `end` attend: what a warm-up compiles (`spanning`)."""
-        return sorted({self.span(e) for e in range(1, min(end, self.model.args.max_seq_len) + 1)} - {None})
+        """A span for every graph that steps writing below slot `end` compile: what a warm-up compiles
+        (`spanning`). With dynamic spans, one graph serves every span short of the whole cache and
+        another the whole cache (the slice of all of it is contiguous; a shorter one is not)."""
+        spans = {self.span(e) for e in range(1, min(end, self.model.args.max_seq_len) + 1)} - {None}
+        if self.dynamic_span:
+            full = self.model.args.max_seq_len
+            spans = {min(spans)} | (spans & {full})
+        return sorted(spans)
+
+    def window(self, span: int | None) -> torch.Tensor:
+        """`span` (None: the whole cache) as compiled steps receive it: a tensor of that length, a view
+        of one buffer, its length marked dynamic where spans are (`dynamic_span`). Dynamo specialises
+        every int argument, so an int span would compile a graph per span."""
+        span = span or self.model.args.max_seq_len
+        if self._slots.shape[0] < span:
+            self._slots = torch.empty(max(span, self.model.args.max_seq_len), dtype=torch.uint8,
+                                      device=self._slots.device)
+        window = self._slots[:span]
+        if self.dynamic_span:
+            torch._dynamo.maybe_mark_dynamic(window, 0)
+        return window
 
     @contextmanager
     def spanning(self, span: int):
@@ -331,12 +377,12 @@ class DecodeSteps:
         finally:
             self.forced_span = None
 
-    def _positions(self, start: torch.Tensor, bsz: int, seqlen: int, span: int | None) -> Positions:
+    def _positions(self, start: torch.Tensor, bsz: int, seqlen: int, span: int | torch.Tensor | None) -> Positions:
         # Compiled steps need a fixed span (the whole cache unless told); eager ones read the positions.
-        return self.model.positions(start, bsz, seqlen, span=(span or self.model.args.max_seq_len) if self.compiled
-                                    else None)
+        return self.model.positions(start, bsz, seqlen,
+                                    span=(span_length(span) or self.model.args.max_seq_len) if self.compiled else None)
 
-    def _step(self, tokens: torch.Tensor, start: torch.Tensor, span: int | None = None
+    def _step(self, tokens: torch.Tensor, start: torch.Tensor, span: int | torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (batch, seq) at positions start[b] .. start[b] + seq - 1 of each row: the trunk output
         (batch, seq, dim) and the next-token head's float32 logits (batch, seq, vocab). Compiled, the
@@ -346,23 +392,24 @@ class DecodeSteps:
         h = m.forward_trunk(tokens, pos)
         return h, m.logits(m.forward_head(0, h, pos))
 
-    def _draft(self, h: torch.Tensor, start: torch.Tensor, index: torch.Tensor, k: int, span: int | None = None
+    def _draft(self, h: torch.Tensor, start: torch.Tensor, index: torch.Tensor, k: int,
+               span: int | torch.Tensor | None = None
                ) -> torch.Tensor:
         """Logits (batch, k, vocab) of extra heads 1 .. k at token index[b] of each row of the trunk
         output h of a `step` at `start`; the heads' keys and values are cached for every token of h."""
         return draft_logits(self.model, h, self._positions(start, h.shape[0], h.shape[1], span), index, k)
 
-    def _greedy(self, tokens: torch.Tensor, start: torch.Tensor, k: int, span: int | None = None
+    def _greedy(self, tokens: torch.Tensor, start: torch.Tensor, k: int, span: int | torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A greedy self-speculative step in one forward: tokens (batch, 1 + j) are each row's last token
         and j drafts at `start`. Returns the next-token head's tokens (batch, 1 + j), of which each row
         emits the first n_acc + 1 (accepted drafts equal the head's tokens); n_acc (batch,), the
         drafts the head agrees with before its first disagreement; and k new drafts (batch, k) from the
         extra heads at the last accepted position."""
-        h, logits = self._step(tokens, start, span)
+        h, logits = self._step(tokens, start, span=span)
         target = logits.argmax(-1)
         n_acc = (target[:, :-1] == tokens[:, 1:]).long().cumprod(1).sum(1)
-        return target, n_acc, self._draft(h, start, n_acc, k, span).argmax(-1)
+        return target, n_acc, self._draft(h, start, n_acc, k, span=span).argmax(-1)
 
 
 def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:

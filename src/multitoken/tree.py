@@ -44,7 +44,7 @@ import torch
 
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import draw, probs_from_logits
-from multitoken.steps import DecodeSteps, draft_logits
+from multitoken.steps import DecodeSteps, draft_logits, span_length
 from multitoken.speculative import (
     Outputs,
     QueuedStep,
@@ -304,10 +304,11 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
 
 
 def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Tensor, parent: torch.Tensor,
-                     depth: torch.Tensor, rank: torch.Tensor, start: torch.Tensor, span: int | None = None
+                     depth: torch.Tensor, rank: torch.Tensor, start: torch.Tensor,
+                     span: int | torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One greedy tree step with every shape fixed by the tree's size and `span` (the cache slots
-    attended, default all: `DecodeSteps.span`), for compiling: verify the tree
+    attended, default all: `DecodeSteps.span`; compiled, its `window`), for compiling: verify the tree
     (tokens, parent, depth, rank: (batch, nodes)) at slots start[b] onwards, accept, compact the
     accepted path's keys/values, run the extra heads on it and draft the next tree. Returns the
     step's tokens (batch, depth + 1), of which each row emits the first n_acc + 1; n_acc (batch,);
@@ -315,7 +316,7 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     compacted and fed to the extra heads too, into slots past the row's end, which masks hide until
     later steps overwrite them."""
     width = min(drafter.depth, drafter.budget)  # the deepest a tree of this budget gets
-    span = span or model.args.max_seq_len
+    span = span_length(span) or model.args.max_seq_len
     t = Tree(parent, depth, rank, tokens)
     tpos = tree_positions(model, t, start, max_depth=width, span=span)
     h = model.forward_trunk(tokens, tpos)
@@ -404,7 +405,7 @@ def generate(
         depths = t.depth.max(1).values
         if use_fused:
             span = steps.span(furthest + full_size)
-            step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start, span)
+            step_tokens, n_acc, *next_tree = fused(model, drafter, tokens, t.parent, t.depth, t.rank, start, span=span)
             nxt = step_tokens[rows, n_acc]
             in_flight.append(QueuedStep(width, active_list, *to_host([step_tokens, n_acc, depths])))
             cur, x0 = cur + n_acc + 1, nxt
