@@ -9,8 +9,8 @@ compiles): "whole cache", every step attends max_seq_len slots (2048 is `multito
 default); "powers of two", the least power of two from `steps.MIN_SPAN` that holds the positions, a
 graph per span (GPU steps); "windows", the written slots rounded up to `steps.WINDOW`, one graph for
 every span (`dynamic_span`, CPU steps). All decode the same prompts greedily, plain and
-self-speculatively (and with `--tree N`, tree drafting), interleaved per prompt; prints tokens/s of each and the ratios, and checks that all
-give the same tokens.
+self-speculatively (and with `--tree N`, tree drafting), interleaved per prompt; prints tokens/s of
+each and the ratios, and checks that all give the same tokens.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def main() -> None:
         llamas[way] = Llama(model, IgnoreEOS()).compile()
         llamas[way].steps.dynamic_span = way == "windows"
     llamas["whole cache"].steps.span = lambda end: a.max_seq_len  # every compiled step attends every slot
-    modes = {"plain": {}, "speculative": {"speculative": True}, **({f"tree {a.tree}": {"tree": a.tree}} if a.tree else {})}
+    modes = {"plain": {}, "speculative": {"speculative": True}}
+    if a.tree:
+        modes[f"tree {a.tree}"] = {"tree": a.tree}
     print(f"{a.ckpt_dir}: max_seq_len {a.max_seq_len}, batch 1, greedy, {len(prompts)} prompts of {a.prompt_len} "
           f"tokens, {a.new_tokens} new, {a.device} {a.dtype}, threads {torch.get_num_threads()}; compiling...",
           flush=True)
@@ -74,11 +76,12 @@ def main() -> None:
                     seconds[way, mode] += time.perf_counter() - start
                 same &= all(out == outs[0] for out in outs)
     n = a.rounds * len(prompts) * a.new_tokens
-    print(f"{'mode':<12} {'whole cache':>11} {'powers of two':>13} {'windows':>8}  {'pow2/whole':>10} {'windows/pow2':>12}"
-          "  (tok/s)")
+    print(f"{'mode':<12} {'whole cache':>11} {'powers of two':>13} {'windows':>8}  "
+          f"{'pow2/whole':>10} {'windows/pow2':>12}  (tok/s)")
     for mode in modes:
         whole, pow2, windows = (n / seconds[way, mode] for way in llamas)
-        print(f"{mode:<12} {whole:>11.1f} {pow2:>13.1f} {windows:>8.1f}  {pow2 / whole:>9.2f}x {windows / pow2:>11.2f}x")
+        print(f"{mode:<12} {whole:>11.1f} {pow2:>13.1f} {windows:>8.1f}  "
+              f"{pow2 / whole:>9.2f}x {windows / pow2:>11.2f}x")
     print(f"same tokens: {'yes' if same else 'NO'}")
 
 

@@ -184,7 +184,8 @@ def step_costs(llama: Llama, batch_sizes: Sequence[int], position: int, k: int, 
         start = torch.full((bs,), position, device=device)
         one = torch.zeros(bs, 1, dtype=torch.long, device=device)
         many = torch.zeros(bs, 1 + k, dtype=torch.long, device=device)
-        fns = {"plain": lambda: steps.step(one, start, span=span), "verify": lambda: steps.step(many, start, span=span),
+        fns = {"plain": lambda: steps.step(one, start, span=span),
+               "verify": lambda: steps.step(many, start, span=span),
                "spec": lambda: steps.greedy(many, start, k, span=span)}
         times: dict[str, list[float]] = {name: [] for name in fns}
         with torch.inference_mode():
