@@ -350,13 +350,11 @@ def bench(
     from multitoken.checkpoint import default_ckpt_dir
     from multitoken.eval.bench import cache_room, code_prompts, format_report, plot_report, speed_report
     from multitoken.generation import Llama
-    from multitoken.tree import close_paths
 
     png = png or (ckpt_dir / "speed.png" if ckpt_dir else Path("speed.png"))  # not into the installed package
     ckpt_dir = ckpt_dir or default_ckpt_dir()
-    nodes = (tree if isinstance(tree, int) else len(close_paths(tree, max(map(len, tree))))) if tree else 0
     llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir),
-                        max_seq_len=prompt_len + new_tokens + cache_room(nodes),
+                        max_seq_len=prompt_len + new_tokens + cache_room(tree),
                         max_batch_size=max(batch_sizes), device=device, dtype=dtype, compile=compile)
     prompts = code_prompts(llama.tokenizer, max(batch_sizes), prompt_len)
     rows = speed_report(llama, prompts, batch_sizes, temperatures, new_tokens=new_tokens, repeats=repeats,

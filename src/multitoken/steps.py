@@ -393,8 +393,7 @@ class DecodeSteps:
         return h, m.logits(m.forward_head(0, h, pos))
 
     def _draft(self, h: torch.Tensor, start: torch.Tensor, index: torch.Tensor, k: int,
-               span: int | torch.Tensor | None = None
-               ) -> torch.Tensor:
+               span: int | torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, k, vocab) of extra heads 1 .. k at token index[b] of each row of the trunk
         output h of a `step` at `start`; the heads' keys and values are cached for every token of h."""
         return draft_logits(self.model, h, self._positions(start, h.shape[0], h.shape[1], span), index, k)

@@ -21,7 +21,7 @@ import torch
 
 from multitoken.generation import Llama
 from multitoken.speculative import SpeculativeStats
-from multitoken.tree import TreeSpec
+from multitoken.tree import TreeSpec, close_paths
 from multitoken.train.data import HELD_OUT_MODULES
 
 # Prompts: the openings of standard library modules, code a code model should continue well.
@@ -67,11 +67,12 @@ def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
     total.accepted = [x + y for x, y in zip(total.accepted, s.accepted)]
 
 
-def cache_room(tree_nodes: int = 0) -> int:
+def cache_room(tree: TreeSpec | None = None) -> int:
     """Cache slots a benchmark leaves past its last new token, as a server's cache has room past one
-    request: a step whose chain or tree (`tree_nodes` draft nodes) would pass the end of the cache runs
-    eagerly, and without the room the last steps of every prompt would."""
-    return max(16, tree_nodes + 1)
+    request: a step whose chain or tree (a node budget or rank paths) would pass the end of the cache
+    runs eagerly, and without the room the last steps of every prompt would."""
+    nodes = (tree if isinstance(tree, int) else len(close_paths(tree, max(map(len, tree))))) if tree else 0
+    return max(16, nodes + 1)
 
 
 def speed_report(llama: Llama, prompts: list[list[int]], batch_sizes: Sequence[int], temperatures: Sequence[float], *,
