@@ -5,7 +5,7 @@ Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
     python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
         [--tree 64] [--batches 1 8] [--no-eager] [--no-llama2] [--matvec] [--rowwise] [--unfused]
-        [--profile] [--inductor KEY=VALUE ...]
+        [--profile] [--inductor KEY=VALUE ...] [--verify-tokens 1 4 8 16 32 64]
         [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
@@ -29,6 +29,9 @@ rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tu
 compute each block's q/k/v and w1/w3 products as one (`fuse_projections`); --unfused adds a batch-1
 row without, first. --profile prints the kernels of the compiled plain and self-speculative steps by
 device time.
+--verify-tokens times the compiled (or eager) 7B n=4 step feeding M tokens per row at batch 1 for each M,
+against one token (`eval.bench.verify_costs`): the verify cost of a chain or of a tree of M - 1 nodes,
+and what a tree must gain in tokens per forward over the chain to pay for it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import traceback
 import torch
 import torch._inductor.config as inductor_config
 
-from multitoken.eval.bench import IgnoreEOS, copy_bandwidth
+from multitoken.eval.bench import IgnoreEOS, copy_bandwidth, format_verify_costs, verify_costs
 from multitoken.generation import Llama
 from multitoken.model import ModelArgs, Transformer
 
@@ -237,6 +240,9 @@ def main() -> None:
                    help="with --compile: print the kernels of the compiled plain and self-speculative steps by device time")
     p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for the compiled rows, e.g. coordinate_descent_tuning=True")
+    p.add_argument("--verify-tokens", type=int, nargs="+", default=[], metavar="M",
+                   help="also time the 7B n=4 step feeding M tokens per row at batch 1, for each M (1 and 4 added): "
+                        "what a chain or a tree of M - 1 nodes costs to verify")
     p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes instead of 7B: to try the script on a CPU")
@@ -266,6 +272,7 @@ def main() -> None:
             print(f"{shape:<22} " + " ".join(f"{r:>{w}.0f}" for r, w in zip(rates, (11, 14, 10))), flush=True)
     rows = []
     nan = float("nan")
+    verify_table = ""
 
     def row(*values) -> None:
         rows.append(values)
@@ -327,6 +334,13 @@ def main() -> None:
                 inductor_config.coordinate_descent_tuning = True
                 measure("7B n=4", model, 1, a.compile, rowwise=True, speculative=False, ceiling=ceiling)
                 inductor_config.coordinate_descent_tuning = tuning
+        if a.verify_tokens:
+            steps = (Llama(model, IgnoreEOS()).compile(mode=a.compile) if a.compile else Llama(model, IgnoreEOS())).steps
+            counts = sorted({1, model.n_future_tokens, *a.verify_tokens})
+            verify = guarded("verify costs", lambda: verify_costs(steps, 1, a.prompt_len, counts), failed)
+            if verify:
+                verify_table = format_verify_costs(verify, model.n_future_tokens)
+                print(verify_table, flush=True)
         del model
         if cuda:
             torch.cuda.empty_cache()
@@ -341,6 +355,9 @@ def main() -> None:
     for name, batch, path, tps, graph_step, ratio, graph_ratio, tree_ratio, ceiling in rows:
         print(f"{name:<16} {batch:>5} {path:<34} {tps:>11.1f} {1e3 * graph_step:>13.2f} {ratio:>17.2f} "
               f"{graph_ratio:>14.2f} {tree_ratio:>20.2f} {ceiling:>18.0f}")
+    if verify_table:
+        print(f"step by tokens per row, 7B n=4 batch 1, {'compiled (' + a.compile + ')' if a.compile else 'eager'}:")
+        print(verify_table)
     print("targets: 7B n=4 b1 plain >= 185 tok/s, spec step <= 1.15x plain; Llama-2-7B b8 >= 1100 tok/s; "
           f"exactness {'ok' if exact else 'FAILED'}" + ("  (--tiny: shapes are not 7B)" if a.tiny else ""))
     if failed:

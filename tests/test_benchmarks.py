@@ -29,10 +29,12 @@ def test_bench_agreement_finds_float32_speculation_exact():
 def test_bench_gpu_runs_on_a_cpu_with_tiny_shapes_and_finds_every_mode_exact():
     """The GPU script is run whole on a CPU first, so a GPU session's minutes are not lost to a typo."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--device", "cpu", "--prompt-len", "8",
-           "--new-tokens", "8", "--repeats", "1", "--tree", "8"]
+           "--new-tokens", "8", "--repeats", "1", "--tree", "8", "--verify-tokens", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "tree 16; EOS; compiled: None): True" in result.stdout, result.stdout
+    table = result.stdout.split("step by tokens per row, 7B n=4 batch 1, eager:")[1]
+    assert [line.split()[0] for line in table.splitlines()[2:5]] == ["1", "2", "4"], result.stdout
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("7B", "Llama"))]
     assert [(r[0], r[2]) for r in rows] == [("7B", "1"), ("7B", "8"), ("Llama-2-7B", "8")], result.stdout
     assert "exactness ok" in result.stdout
@@ -73,3 +75,20 @@ def test_bench_gpu_compiled_rows_run_on_a_cpu_with_tiny_shapes():
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("7B")]
     assert [r[4] for r in rows] == ["unfused", "(reduce-overhead)"], result.stdout
     assert "greedy self-speculative step, 3 drafts x 10:" in result.stdout and "exactness ok" in result.stdout
+
+
+def test_bench_verify_times_each_token_count_against_one_and_the_chain(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_verify.py"), "--ckpt-dir", str(tiny_ckpt), "--eager",
+           "--tokens", "5", "--rounds", "2", "--calls", "2", "--dtype", "float32"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    # 1 token and the chain's k + 1 = 3 (the tiny model has n_future_tokens = 3) are always timed.
+    assert [r[0] for r in rows] == ["1", "3", "5"], result.stdout
+    assert rows[0][2] == "1.00x" and rows[1][-1] == "+0%", result.stdout
+
+
+def test_bench_verify_refuses_an_empty_step(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_verify.py"), "--ckpt-dir", str(tiny_ckpt), "--tokens", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--tokens must be at least 1 per row, got 0" in result.stderr

@@ -27,3 +27,14 @@ def test_bench_reports_chain_and_tree_side_by_side(tiny_ckpt, tmp_path, capsys):
     # temp batch plain chain speedup tau, 2 acceptance rates, tree speedup tau, 2 acceptance rates, identical
     assert len(rows[0]) == 6 + 2 + 3 + 2 + 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verify_costs_table_gives_each_count_against_one_token_and_the_chain():
+    from multitoken.eval.bench import format_verify_costs
+
+    lines = format_verify_costs({1: 1.0, 3: 1.5, 5: 2.0}, chain_tokens=3).splitlines()
+    assert [line.split() for line in lines[1:]] == [
+        ["1", "1.00", "1.00x", "-33%"],
+        ["3", "1.50", "1.50x", "0.250", "+0%"],
+        ["5", "2.00", "2.00x", "0.250", "+33%"],
+    ]

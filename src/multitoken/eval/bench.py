@@ -21,6 +21,7 @@ import torch
 
 from multitoken.generation import Llama
 from multitoken.speculative import SpeculativeStats
+from multitoken.steps import DecodeSteps
 from multitoken.tree import TreeSpec, close_paths
 from multitoken.train.data import HELD_OUT_MODULES
 
@@ -202,6 +203,47 @@ def step_costs(llama: Llama, batch_sizes: Sequence[int], position: int, k: int, 
         out.append(StepCost(bs, ms["plain"], ms["verify"], ms["spec"], step_bytes(model, bs, cached, False),
                             step_bytes(model, bs, cached, True)))
     return out
+
+
+def verify_costs(steps: DecodeSteps, batch: int, position: int, token_counts: Sequence[int], rounds: int = 8,
+                 calls: int = 10) -> dict[int, float]:
+    """Milliseconds of a step feeding m tokens per row through the trunk and the next-token head at
+    `position`, for each m of `token_counts`: what verifying a chain of m - 1 drafts, or a tree of m - 1
+    nodes, costs against decoding one token. Each round times `calls` steps in a row of each count in
+    turn, as a decoding loop repeats one step (compiled, each count is a graph with its own weights,
+    and alternating them call by call would time the CPU's caches); the fastest round counts, since
+    noise only adds time. `steps` are eager or compiled `DecodeSteps` (compiled in a warm-up call)."""
+    model = steps.model
+    device = model.tok_embeddings.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = torch.full((batch,), position, device=device)
+    inputs = {m: (torch.zeros(batch, m, dtype=torch.long, device=device), steps.span(position + m))
+              for m in token_counts}
+    best = {m: float("inf") for m in inputs}
+    with torch.inference_mode():
+        for tokens, span in inputs.values():
+            steps.step(tokens, start, span=span)
+        for _ in range(rounds):
+            for m, (tokens, span) in inputs.items():
+                sync()
+                t = time.perf_counter()
+                for _ in range(calls):
+                    steps.step(tokens, start, span=span)
+                sync()
+                best[m] = min(best[m], (time.perf_counter() - t) / calls)
+    return {m: 1e3 * seconds for m, seconds in best.items()}
+
+
+def format_verify_costs(costs: dict[int, float], chain_tokens: int) -> str:
+    """The step time of each token count, its ratio to a 1-token step, and what a tree of m - 1 nodes
+    must gain in tokens per forward over the chain (`chain_tokens` = its drafts + 1) to pay for its
+    larger verify step (the extra heads' share, alike for both, left out)."""
+    one, chain = costs[1], costs[chain_tokens]
+    lines = [f"{'tokens/row':>10} {'step ms':>8} {'x 1 token':>9} {'ms/extra token':>14} {'tau needed vs chain':>19}"]
+    for m, ms in sorted(costs.items()):
+        extra = f"{(ms - one) / (m - 1):>14.3f}" if m > 1 else f"{'':>14}"
+        lines.append(f"{m:>10} {ms:>8.2f} {ms / one:>8.2f}x {extra} {ms / chain - 1:>+18.0%}")
+    return "\n".join(lines)
 
 
 def format_step_costs(costs: list[StepCost], bandwidth: float) -> str:
