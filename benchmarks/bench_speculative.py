@@ -11,10 +11,11 @@ the acceptance rate of each draft position, for the chain and, with --tree, for 
 `multitoken bench` is the same report from the CLI. The cache has room past the last new token
 (`eval.bench.cache_room`).
 
-Then the cost of one step at each batch size, interleaved: a decode step (1 token per row), a verify
-step (1 + k tokens) and a whole greedy self-speculative step (verify, accept, draft), with the bytes
-of weights and KV cache each reads, the bandwidth that achieves, and its fraction of the machine's
-copy bandwidth measured in the same run. With --compile both modes use compiled fixed-shape steps.
+Then the cost of one step at each batch size (rounds of 10 steps in a row of each kind, the fastest
+round): a decode step (1 token per row), a verify step (1 + k tokens) and a whole greedy
+self-speculative step (verify, accept, draft), with the bytes of weights and KV cache each reads, the
+bandwidth that achieves, and its fraction of the machine's copy bandwidth measured in the same run.
+With --compile both modes use compiled fixed-shape steps.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def main() -> None:
     k = check_draft_heads(model, None if a.draft_heads == "auto" else a.draft_heads)
     position = a.prompt_len + a.new_tokens // 2
     costs = step_costs(llama, a.batch_sizes, min(position, model.args.max_seq_len - 1 - k), k)
-    print(f"\nstep cost at position {position}, k = {k} drafts, median of 20:")
+    print(f"\nstep cost at position {position}, k = {k} drafts, fastest of 8 rounds of 10 steps in a row:")
     print(format_step_costs(costs, copy_bandwidth(a.device)))
 
 
