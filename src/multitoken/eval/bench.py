@@ -172,14 +172,34 @@ class StepCost:
     spec_bytes: int
 
 
+def fastest_runs_ms(fns: dict, device: torch.device, rounds: int = 8, calls: int = 10) -> dict:
+    """Milliseconds per call of each of `fns` (name -> step), after one warm-up call each (which
+    compiles): each round times `calls` calls in a row of each in turn, as a decoding loop repeats one
+    step (compiled, each step is a graph with its own weights, and alternating them call by call would
+    time the CPU's caches: a 1-token step of the shipped model measured 1.86 ms that way against 1.17
+    in a row); the fastest round counts, since noise only adds time."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = {name: float("inf") for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                sync()
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync()
+                best[name] = min(best[name], (time.perf_counter() - t) / calls)
+    return {name: 1e3 * seconds for name, seconds in best.items()}
+
+
 def step_costs(llama: Llama, batch_sizes: Sequence[int], position: int, k: int, rounds: int = 8,
                calls: int = 10) -> list[StepCost]:
     """Times of the decode step, the verify step and the whole greedy self-speculative step (with
-    llama's steps: eager or compiled), each row at `position` of the cache: rounds of `calls` steps in
-    a row of each kind in turn, the fastest round (as `verify_costs` times them, and for its reason)."""
+    llama's steps: eager or compiled), each row at `position` of the cache (`fastest_runs_ms`)."""
     model, steps = llama.model, llama.steps
     device = model.tok_embeddings.weight.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # Bytes read: compiled steps attend a span of the cache (as decoding would there), eager ones the filled part.
     span = steps.span(position + 1 + k)
     cached = span or position + 1
@@ -191,19 +211,7 @@ def step_costs(llama: Llama, batch_sizes: Sequence[int], position: int, k: int, 
         fns = {"plain": lambda: steps.step(one, start, span=span),
                "verify": lambda: steps.step(many, start, span=span),
                "spec": lambda: steps.greedy(many, start, k, span=span)}
-        best = {name: float("inf") for name in fns}
-        with torch.inference_mode():
-            for fn in fns.values():
-                fn()  # compiles
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    sync()
-                    t = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    sync()
-                    best[name] = min(best[name], (time.perf_counter() - t) / calls)
-        ms = {name: 1e3 * seconds for name, seconds in best.items()}
+        ms = fastest_runs_ms(fns, device, rounds, calls)
         out.append(StepCost(bs, ms["plain"], ms["verify"], ms["spec"], step_bytes(model, bs, cached, False),
                             step_bytes(model, bs, cached, True)))
     return out
@@ -212,31 +220,16 @@ def step_costs(llama: Llama, batch_sizes: Sequence[int], position: int, k: int, 
 def verify_costs(steps: DecodeSteps, batch: int, position: int, token_counts: Sequence[int], rounds: int = 8,
                  calls: int = 10) -> dict[int, float]:
     """Milliseconds of a step feeding m tokens per row through the trunk and the next-token head at
-    `position`, for each m of `token_counts`: what verifying a chain of m - 1 drafts, or a tree of m - 1
-    nodes, costs against decoding one token. Each round times `calls` steps in a row of each count in
-    turn, as a decoding loop repeats one step (compiled, each count is a graph with its own weights,
-    and alternating them call by call would time the CPU's caches: a 1-token step of the shipped model
-    measured 1.86 ms that way against 1.17 in a row); the fastest round counts, since noise only adds
-    time. `steps` are eager or compiled `DecodeSteps` (compiled in a warm-up call)."""
-    model = steps.model
-    device = model.tok_embeddings.weight.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    `position`, for each m of `token_counts` (`fastest_runs_ms`): what verifying a chain of m - 1
+    drafts, or a tree of m - 1 nodes, costs against decoding one token. `steps` are eager or compiled
+    `DecodeSteps`."""
+    device = steps.model.tok_embeddings.weight.device
     start = torch.full((batch,), position, device=device)
-    inputs = {m: (torch.zeros(batch, m, dtype=torch.long, device=device), steps.span(position + m))
-              for m in token_counts}
-    best = {m: float("inf") for m in inputs}
-    with torch.inference_mode():
-        for tokens, span in inputs.values():
-            steps.step(tokens, start, span=span)
-        for _ in range(rounds):
-            for m, (tokens, span) in inputs.items():
-                sync()
-                t = time.perf_counter()
-                for _ in range(calls):
-                    steps.step(tokens, start, span=span)
-                sync()
-                best[m] = min(best[m], (time.perf_counter() - t) / calls)
-    return {m: 1e3 * seconds for m, seconds in best.items()}
+    fns = {}
+    for m in token_counts:
+        tokens, span = torch.zeros(batch, m, dtype=torch.long, device=device), steps.span(position + m)
+        fns[m] = lambda tokens=tokens, span=span: steps.step(tokens, start, span=span)
+    return fastest_runs_ms(fns, device, rounds, calls)
 
 
 def format_verify_costs(costs: dict[int, float], chain_tokens: int) -> str:
