@@ -1,6 +1,6 @@
 """Compiled decode steps alone, two ways of compiling them side by side, interleaved in one run.
 
-    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze|attention] [--dtype float32] [--batch 1]
+    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze|attention|kernels] [--dtype float32] [--batch 1]
         [--position 64] [--rounds 8] [--calls 10] [--threads 2] [--tree N]
 
 Times the three step functions a decoding loop calls, as compiled graphs with no loop around them:
@@ -10,7 +10,9 @@ two copies of the model, compiled the two ways --compare names: `fuse`, every bl
 products and w1, w3 products as one product each or not (`steps.fuse_projections`); `freeze`, the
 weights as constants packed for the CPU's matrix units or not (`DecodeSteps(freeze=...)`; the
 default for compiled bf16/fp16 steps on a CPU); `attention`, one query's attention as ATen's flash
-kernel or as multiplies and sums (`DecodeSteps(single_query=...)`, the default on a CPU). --tree N
+kernel or as multiplies and sums (`DecodeSteps(single_query=...)`, the default on a CPU without `kernels`);
+`kernels`, bf16 products and attention by ATen (and inductor) or by `multitoken.kernels`
+(`DecodeSteps(cpu_kernels=...)`, the default in bf16 where they run). --tree N
 also times the fused greedy tree step of an N-node tree (`tree.greedy_tree_step`). Rounds alternate
 between the two so that the machine's drift hits both alike; each figure is the fastest round's mean over --calls calls (noise
 only adds time).
@@ -32,7 +34,9 @@ from multitoken.tree import TreeDrafter, greedy_tree_step
 COMPARISONS = {
     "fuse": (("separate", {"fuse": False}), ("fused", {"fuse": True})),
     "freeze": (("unfrozen", {"freeze": False}), ("frozen", {"freeze": True})),
-    "attention": (("flash", {"single_query": False}), ("single-query", {"single_query": True})),
+    "attention": (("flash", {"single_query": False, "cpu_kernels": False}),
+                  ("single-query", {"single_query": True, "cpu_kernels": False})),
+    "kernels": (("aten", {"cpu_kernels": False}), ("kernels", {"cpu_kernels": True})),
 }
 
 
@@ -41,7 +45,8 @@ def main() -> None:
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--compare", choices=sorted(COMPARISONS), default="fuse",
                    help="fuse: fused q/k/v and w1/w3 products against separate ones; freeze: frozen steps against "
-                        "unfrozen; attention: single-query attention as multiplies and sums against ATen's flash kernel")
+                        "unfrozen; attention: single-query attention as multiplies and sums against ATen's flash kernel; "
+                        "kernels: multitoken.kernels' bf16 products and attention against ATen's")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--position", type=int, default=64, help="cache position the steps write at")

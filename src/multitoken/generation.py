@@ -92,7 +92,7 @@ class Llama:
         self.steps = DecodeSteps(model)
 
     def compile(self, mode: str | None = None, rowwise: bool | None = None, fuse: bool | None = None,
-                freeze: bool | None = None) -> Llama:
+                freeze: bool | None = None, cpu_kernels: bool | None = None) -> Llama:
         """Decode with torch.compile'd fixed-shape steps (`multitoken.steps`): one compilation per
         batch size and step length (and on a GPU per cache span: 512 slots, then doubling as a text
         grows; on a CPU one for every span short of the whole cache and one for the whole cache), on
@@ -100,8 +100,9 @@ class Llama:
         a short generation compiles span s ahead), then no per-step Python work that grows with the model.
         `mode` is torch.compile's ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
         compiler's floating-point reassociation. Greedy tree steps compile too (tree.greedy_tree_step).
-        `rowwise`, `fuse` and `freeze`: see DecodeSteps."""
-        self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse, freeze=freeze)
+        `rowwise`, `fuse`, `freeze` and `cpu_kernels`: see DecodeSteps."""
+        self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse, freeze=freeze,
+                                 cpu_kernels=cpu_kernels)
         return self
 
     @torch.inference_mode()

@@ -14,6 +14,10 @@ every span short of the whole cache. On a GPU it is a power of two from MIN_SPAN
 graph) per span; a warm-up can compile the spans a run will reach first (`DecodeSteps.spanning`).
 Both compute the same function; the model itself knows nothing of compilation.
 
+In bf16 on a CPU with AVX-512 BF16, steps (eager or compiled) run their products and attention in
+`multitoken.kernels` (`cpu_kernels`): each token of a verify step is computed exactly as in a 1-token
+step, so bf16 self-speculation is lossless to the bit, and eager steps take half the time.
+
 On a CPU with bfloat16 or float16 weights, compiled steps are also frozen (`freeze`): inductor takes
 the weights as constants, packs them once into the tiles of its own matrix kernels (AMX and
 AVX-512 bf16 here) and keeps them where they beat ATen's; a SmolLM2-135M decode step went from
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multitoken import kernels
 from multitoken.model import Attention, FeedForward, Positions, Transformer, scaled_dot_product, select_tokens
 
 # Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
@@ -172,6 +177,18 @@ def fuse_projections(model: Transformer) -> Transformer:
     return model
 
 
+def inference_products(model: Transformer) -> list[nn.Linear]:
+    """The linear layers a forward without gradients runs: each block's fused products where
+    `fuse_projections` made them, its separate ones elsewhere, and the unembedding."""
+    linears: list[nn.Linear] = [model.output]
+    for block in [*model.layers, *model.extra_heads]:
+        attention, ffn = block.attention, block.feed_forward
+        linears += ([attention.wqkv] if isinstance(attention, FusedAttention) else [attention.wq, attention.wk, attention.wv])
+        linears += [attention.wo, ffn.w2]
+        linears += [ffn.w13] if isinstance(ffn, FusedFeedForward) else [ffn.w1, ffn.w3]
+    return linears
+
+
 @dataclass
 class StepTimes:
     """Recent wall times of one step shape. The first call's is not kept: it includes compiling."""
@@ -199,8 +216,8 @@ FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_bac
 
 
 # Guards dynamo checks before every call that frozen steps do not need: the structure of the model's
-# modules (hooks, attribute types, absent attributes) and the identity of its parameters, which a frozen
-# graph holds as constants and never reads again. Some 1,200 of a step's 1,650 guards on the shipped
+# modules (hooks, attribute types, absent attributes) and the identity of its parameters (and of the
+# kernels' packed weights), which a frozen graph holds as constants and never reads again. Some 1,200 of a step's 1,650 guards on the shipped
 # model, ~0.1 ms a call; the guards on inputs, on the KV caches and on module constants stay.
 _MODULE_STRUCTURE_GUARDS = {"EMPTY_NN_MODULE_HOOKS_DICT", "TYPE_MATCH", "NOT_PRESENT_IN_GENERIC_DICT"}
 
@@ -211,7 +228,8 @@ def _frozen_guards(guards) -> list[bool]:
 
     def needed(guard) -> bool:
         try:
-            if guard.guard_type == "ID_MATCH" and isinstance(guard.value, nn.Parameter):
+            if guard.guard_type == "ID_MATCH" and (isinstance(guard.value, nn.Parameter)
+                                                   or getattr(guard.value, "is_packed_weight", False)):
                 return False
             return not (guard.guard_type in _MODULE_STRUCTURE_GUARDS
                         and guard.orig_guard.source.is_unspecialized_nn_module())
@@ -265,11 +283,16 @@ class DecodeSteps:
     query per row multiplies and sums (`single_query_attention`; default: compiled on a CPU);
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
+    `cpu_kernels` runs bf16 products and attention in `multitoken.kernels` (default: bf16 on a CPU where
+    they run and memory holds a packed copy of the weights; eager steps too), which compute each token
+    of a multi-token step exactly as a 1-token step does: bf16 self-speculation then emits plain
+    decoding's tokens (compiled, with inductor rounding to bf16 where eager does). It takes the place
+    of `single_query` and `rowwise`.
     Frozen steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`)."""
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
                  rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None,
-                 single_query: bool | None = None, dynamic_span: bool | None = None):
+                 single_query: bool | None = None, dynamic_span: bool | None = None, cpu_kernels: bool | None = None):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
@@ -286,24 +309,40 @@ class DecodeSteps:
         self.greedy = self._greedy
         weight = model.tok_embeddings.weight
         low_precision_cpu = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+        if cpu_kernels is None:
+            cpu_kernels = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and kernels.available()
+                           and _room_for_a_second_copy(model))
         if freeze is None:
             freeze = compile and mode is None and low_precision_cpu and _room_for_a_second_copy(model)
         if freeze and (not compile or mode is not None):
             raise ValueError("freeze=True is for steps compiled without a mode (compile=True, mode=None)")
         self.frozen = freeze
+        options = {**FROZEN_OPTIONS, "guard_filter_fn": _frozen_guards} if freeze else {}
+        if cpu_kernels and mode is None:
+            # Round to bf16 wherever eager rounds: fused kernels otherwise keep float32 in between, and
+            # how much they keep changes with the step's shape, so a verify step's tokens would round
+            # unlike a 1-token step's (the kernels' own products and attention do not depend on it).
+            options["emulate_precision_casts"] = True
         # torch.compile takes a mode or inductor options, not both.
-        self._compile_kwargs = ({"options": {**FROZEN_OPTIONS, "guard_filter_fn": _frozen_guards}} if freeze
-                                else {"mode": mode})
+        self._compile_kwargs = {"options": options} if options else {"mode": mode}
         self._compiled_fns: dict = {}
         if rowwise is None:
             # Frozen steps pack the weights for their own kernels, which read them faster than the reductions.
-            rowwise = low_precision_cpu and weight.dtype == torch.bfloat16 and not freeze
+            rowwise = low_precision_cpu and weight.dtype == torch.bfloat16 and not freeze and not cpu_kernels
         if compile and rowwise:
             use_rowwise_matmuls(model)
         if compile if fuse is None else fuse:
             fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
-        if compile and (weight.device.type == "cpu" if single_query is None else single_query):
-            use_single_query_attention(model)
+        self.cpu_kernels = cpu_kernels
+        # Packed copies of exactly the products these steps run (earlier steps may have packed others).
+        kernels.use_packed_matmuls([*model.modules(), *inference_products(model)], packed=False)
+        if cpu_kernels:
+            kernels.use_packed_matmuls(inference_products(model))
+        if single_query is None:
+            single_query = compile and weight.device.type == "cpu"
+        for block in [*model.layers, *model.extra_heads]:
+            block.attention.sdpa = (kernels.attention if cpu_kernels else single_query_attention if single_query
+                                    else scaled_dot_product)
         if compile:
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

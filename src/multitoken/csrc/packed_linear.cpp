@@ -1,0 +1,264 @@
+// Products of a few rows with bf16 weights on x86-64 CPUs with AVX-512 BF16 (multitoken/kernels.py).
+//
+// A decode step multiplies a handful of rows (1 token, or the last token and its drafts) by every weight
+// matrix. The weights are packed once so that one 64-byte load holds 2 consecutive inputs of 16 outputs,
+// the layout of the vdpbf16ps instruction: each load then serves every row, each row's input pair is one
+// broadcast, and outputs need no horizontal sums. Every output is the same sequence of float32 multiply-
+// adds over the inputs whatever the other rows are, so a row's result does not depend on how many rows
+// the product has: a verify step computes each token exactly as a 1-token step does.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 16;  // outputs per 512-bit vector of float32 sums
+constexpr int kMaxRows = 8;     // rows per pass over the weights
+constexpr int kTileBlocks = 8;  // blocks a thread's share of the outputs is rounded to
+
+// Rows x[0 .. R) times NB blocks of 16 packed outputs from w, written to y[:, n0 ...) up to `width`
+// outputs (past it: the packing's zero padding). R * NB sums in registers, independent of each other, so
+// that the multiply-adds' latency is hidden even for a single row; each output's sum runs over the input
+// pairs in order, whatever R and NB are.
+template <int R, int NB>
+void product_tile(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat16* y, int64_t y_stride, int64_t n0,
+                  int64_t width) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh wb[NB];
+    for (int b = 0; b < NB; ++b) wb[b] = (__m512bh)_mm512_loadu_si512(w + b * pairs + p);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * pairs + p]);
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, wb[b]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(kBlock, width - b * kBlock));
+    const __mmask16 mask = (__mmask16)((1u << valid) - 1);
+    for (int r = 0; r < R; ++r)
+      _mm256_mask_storeu_epi16(y + r * y_stride + n0 + b * kBlock, mask, (__m256i)_mm512_cvtneps_pbh(acc[r][b]));
+  }
+}
+
+// Fewer rows, more blocks at a time: at least 8 independent sums, at most 16 in registers.
+template <int R>
+void product_rows(const int32_t* x, int64_t pairs, const __m512i* packed, at::BFloat16* y, int64_t n,
+                  int64_t block_begin, int64_t block_end) {
+  constexpr int NB = R <= 2 ? 8 : R <= 4 ? 4 : 2;
+  int64_t b = block_begin;
+  for (; b + NB <= block_end; b += NB) product_tile<R, NB>(x, pairs, packed + b * pairs, y, n, b * kBlock, n - b * kBlock);
+  for (; b < block_end; ++b) product_tile<R, 1>(x, pairs, packed + b * pairs, y, n, b * kBlock, n - b * kBlock);
+}
+
+using RowsFn = void (*)(const int32_t*, int64_t, const __m512i*, at::BFloat16*, int64_t, int64_t, int64_t);
+constexpr RowsFn kRowsFns[kMaxRows] = {product_rows<1>, product_rows<2>, product_rows<3>, product_rows<4>,
+                                       product_rows<5>, product_rows<6>, product_rows<7>, product_rows<8>};
+
+// y (rows, n) = x (rows, k) @ W.T, with W packed by pack_weight.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "packed_linear: x must be a bfloat16 CPU tensor");
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.size(2) == 2 * kBlock && packed.is_contiguous(),
+              "packed_linear: packed weights must come from multitoken.kernels.pack_weight");
+  const int64_t k = x.size(-1), pairs = packed.size(1);
+  TORCH_CHECK(k == 2 * pairs, "packed_linear: x has ", k, " features, the packed weights ", 2 * pairs);
+  TORCH_CHECK(out_features > (packed.size(0) - 1) * kBlock && out_features <= packed.size(0) * kBlock,
+              "packed_linear: ", out_features, " outputs do not match ", packed.size(0), " packed blocks");
+  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  const int64_t rows = x2.size(0), blocks = packed.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (rows == 0) return y;
+  const auto* xp = reinterpret_cast<const int32_t*>(x2.const_data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const __m512i*>(packed.const_data_ptr<at::BFloat16>());
+  auto* yp = y.mutable_data_ptr<at::BFloat16>();
+  // Threads split the outputs in tiles of blocks; each reads its share of the weights once per kMaxRows rows.
+  const int64_t tiles = (blocks + kTileBlocks - 1) / kTileBlocks, threads = at::get_num_threads();
+  at::parallel_for(0, tiles, (tiles + threads - 1) / threads, [&](int64_t t0, int64_t t1) {
+    const int64_t b0 = kTileBlocks * t0, b1 = std::min(blocks, kTileBlocks * t1);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+      const int64_t r = std::min<int64_t>(kMaxRows, rows - r0);
+      kRowsFns[r - 1](xp + r0 * pairs, pairs, wp, yp + r0 * out_features, out_features, b0, b1);
+    }
+  });
+  return y;
+}
+
+// 16 bf16 values widened to float32 (a bf16 is the top half of a float32).
+inline __m512 load_bf16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// exp of 16 floats: 2^n * exp(r), r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2], exp(r) by its Taylor series to
+// r^7 (relative error below 1e-8 there); exp(-inf) = 0, as masked keys need.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: r exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  // Below -87 the result is denormal or zero anyway, and -inf's n would be -inf (r NaN).
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ), e);
+}
+
+// The 16 lanes of each of v[0 .. 16) summed: lane i of the result is the sum of v[i]. A tree of lane
+// shuffles and adds, three instructions per sum (a separate horizontal sum of each takes eight); each sum
+// is over its own vector's lanes in a fixed order, whatever the other vectors hold.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: [v[2i] (8 lanes), v[2i+1] (8 lanes)]
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit chunks: v[4i], v[4i+1], v[4i+2], v[4i+3] (4 lanes each)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88), _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  const __m512 z = _mm512_add_ps(_mm512_unpacklo_ps(y[0], y[1]), _mm512_unpackhi_ps(y[0], y[1]));
+  // Lane 4j + c of z holds the sum of v[j], v[8 + j], v[4 + j], v[12 + j] for c = 0, 1, 2, 3.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+// Attention of a few queries per row over a cache span, in float32: q (batch, heads, n_q, head_dim),
+// k and v (batch, kv_heads, keys, head_dim), mask (batch, 1, n_q, keys) broadcastable, True where a query
+// sees a key; without a mask, query t sees keys 0 .. keys - n_q + t (the queries are the last tokens).
+// The queries that share a kv head read each block of 16 keys, and each value, once. Each query's
+// scores, softmax and weighted sum run in the same order whatever the other queries are: a token
+// attends exactly as it does in a 1-token step.
+at::Tensor few_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask_arg) {
+  const bool causal = !mask_arg.has_value();
+  const at::Tensor mask = causal ? at::ones({1, 1, 1, 1}, q.options().dtype(at::kBool)) : *mask_arg;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "few_query_attention: 4-d q, k, v, mask");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+              mask.scalar_type() == at::kBool, "few_query_attention: bf16 q, k, v and a bool mask");
+  const int64_t batch = q.size(0), heads = q.size(1), n_q = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), keys = k.size(2);
+  TORCH_CHECK(dim % 16 == 0 && dim <= 256 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 &&
+              heads % kv_heads == 0 && k.sizes() == v.sizes() && k.size(0) == batch && k.size(3) == dim,
+              "few_query_attention: unsupported shapes");
+  const at::Tensor m = mask.expand({batch, 1, n_q, keys});
+  // Laid out (batch, n_q, heads, dim): the output projection reads it as (batch, n_q, heads * dim) without a copy.
+  at::Tensor out = at::empty({batch, n_q, heads, dim}, q.options()).transpose(1, 2);
+  const int64_t group = heads / kv_heads, vecs = dim / 16, queries = group * n_q, blocks = (keys + 15) / 16;
+  const float scale = 1.0f / std::sqrt((float)dim);
+  const auto* qp = q.const_data_ptr<at::BFloat16>();
+  const auto* kp = k.const_data_ptr<at::BFloat16>();
+  const auto* vp = v.const_data_ptr<at::BFloat16>();
+  const bool* mp = m.const_data_ptr<bool>();
+  auto* op = out.mutable_data_ptr<at::BFloat16>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2), ks0 = k.stride(0), ks1 = k.stride(1),
+                ks2 = k.stride(2), vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), ms0 = m.stride(0),
+                ms2 = m.stride(2), ms3 = m.stride(3), os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  // A thread per (row, kv head) where there is enough of them: a short span's few queries run faster alone.
+  const int64_t work = queries * keys * dim, grain = std::max<int64_t>(1, (int64_t)(1 << 13) / std::max<int64_t>(1, work));
+  at::parallel_for(0, batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
+    // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
+    // Each thread's buffers are kept between calls.
+    thread_local std::vector<float> scores, qf, acc, kf, top, total;
+    thread_local std::vector<__mmask16> seen;
+    scores.resize(queries * blocks * 16), qf.resize(queries * dim), acc.resize(queries * dim), kf.resize(16 * dim);
+    top.resize(queries), total.resize(queries), seen.resize(n_q * blocks);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / kv_heads, kh = i % kv_heads;
+      const at::BFloat16* kb = kp + b * ks0 + kh * ks1;
+      const at::BFloat16* vb = vp + b * vs0 + kh * vs1;
+      for (int64_t j = 0; j < queries; ++j) {
+        const at::BFloat16* qj = qp + b * qs0 + (kh * group + j / n_q) * qs1 + (j % n_q) * qs2;
+        for (int64_t c = 0; c < vecs; ++c)
+          _mm512_storeu_ps(&qf[j * dim + 16 * c], _mm512_mul_ps(load_bf16(qj + 16 * c), _mm512_set1_ps(scale)));
+        top[j] = -INFINITY;
+      }
+      // Which keys each token's queries see, 16 keys a bit mask.
+      for (int64_t t = 0; t < n_q; ++t) {
+        const int64_t last = causal ? keys - n_q + t : keys - 1;
+        const bool* mt = mp + b * ms0 + t * ms2;
+        for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
+          uint32_t bits = 0;
+          for (int64_t r = 0, s = kb0 * 16; r < 16 && s < keys; ++r, ++s) bits |= (uint32_t)(s <= last && (causal || mt[s * ms3])) << r;
+          seen[t * blocks + kb0] = (__mmask16)bits;
+        }
+      }
+      for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
+        const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
+        for (int64_t r = 0; r < 16; ++r)  // the block's keys in float32 (zeros past the last key)
+          for (int64_t c = 0; c < vecs; ++c)
+            _mm512_storeu_ps(&kf[r * dim + 16 * c], r < n ? load_bf16(kb + (s0 + r) * ks2 + 16 * c) : _mm512_setzero_ps());
+        for (int64_t j = 0; j < queries; ++j) {
+          __m512 qv[16], dots[16];
+          for (int64_t c = 0; c < vecs; ++c) qv[c] = _mm512_loadu_ps(&qf[j * dim + 16 * c]);
+          for (int r = 0; r < 16; ++r) {
+            __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(&kf[r * dim]));
+            for (int64_t c = 1; c < vecs; ++c) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(&kf[r * dim + 16 * c]), d);
+            dots[r] = d;
+          }
+          const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[(j % n_q) * blocks + kb0], sum_lanes16(dots));
+          _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
+          top[j] = std::max(top[j], _mm512_reduce_max_ps(sc));
+        }
+      }
+      for (int64_t j = 0; j < queries; ++j) {  // weights exp(score - max), and their total
+        float* sj = &scores[j * blocks * 16];
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 mx = _mm512_set1_ps(top[j] > -INFINITY ? top[j] : 0.0f);
+        for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) {
+          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mx));
+          _mm512_storeu_ps(sj + s0, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        total[j] = _mm512_reduce_add_ps(sum);
+      }
+      // Each query's weighted sum of the values in registers, a chunk of queries per pass over the values.
+      const int64_t chunk = std::max<int64_t>(1, 16 / vecs);
+      for (int64_t j0 = 0; j0 < queries; j0 += chunk) {
+        const int64_t nj = std::min(chunk, queries - j0);
+        __m512 sums[16];
+        for (int64_t x = 0; x < nj * vecs; ++x) sums[x] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < keys; ++s) {
+          __m512 vv[16];
+          for (int64_t c = 0; c < vecs; ++c) vv[c] = load_bf16(vb + s * vs2 + 16 * c);
+          // Unseen keys weigh 0 and add nothing (the cache never holds infinities or NaNs).
+          for (int64_t x = 0; x < nj; ++x) {
+            const __m512 pv = _mm512_set1_ps(scores[(j0 + x) * blocks * 16 + s]);
+            for (int64_t c = 0; c < vecs; ++c) sums[x * vecs + c] = _mm512_fmadd_ps(pv, vv[c], sums[x * vecs + c]);
+          }
+        }
+        for (int64_t x = 0; x < nj * vecs; ++x) _mm512_storeu_ps(&acc[j0 * dim + 16 * x], sums[x]);
+      }
+      for (int64_t j = 0; j < queries; ++j) {
+        // A query that sees no key (never in a decoding step) gets zeros rather than NaNs.
+        const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
+        at::BFloat16* oj = op + b * os0 + (kh * group + j / n_q) * os1 + (j % n_q) * os2;
+        for (int64_t c = 0; c < vecs; ++c)
+          _mm256_storeu_si256((__m256i*)(oj + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&acc[j * dim + 16 * c]), inv)));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(multitoken, m) {
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("few_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
+  m.impl("packed_linear", packed_linear);
+  m.impl("few_query_attention", few_query_attention);
+}

@@ -1,0 +1,188 @@
+"""A CPU kernel of our own: bf16 products of a few rows (`csrc/packed_linear.cpp`), for decode steps.
+
+A decode step multiplies 1 to a few dozen rows (a token, or the last token and its drafts, per batch
+row) by every weight matrix. ATen's bf16 products pay ~30 us a call here whatever their size and grow
+with every row; the kernel reads weights packed for AVX-512 BF16's pairwise multiply-add once per 8
+rows. On the 2-core AVX-512 BF16 host, a (1536 x 256) product of 1 row took 10 us (ATen 58), of 4
+rows 14 (ATen 68). Each output is the same float32 sum in the same order whatever the other rows are,
+so a row's product does not depend on the number of rows beside it.
+
+The kernel is built on first use with the host's C++ compiler (~10 s, cached under
+~/.cache/multitoken), only on x86-64 Linux CPUs that report avx512_bf16; `available()` says whether
+it runs here, and everything falls back to ATen where it does not. MULTITOKEN_KERNELS=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multitoken.model import scaled_dot_product
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "packed_linear.cpp"
+BLOCK = 16  # outputs per packed block: one 512-bit vector of float32 sums
+# Up to this many rows (tokens x batch) a product runs in the kernel; more (a prefill) go to ATen,
+# whose blocked GEMMs win once the weights are read often enough.
+PACKED_MAX_ROWS = 64
+# Up to this many queries per row attention runs in the kernel (`attention`).
+ATTENTION_MAX_QUERIES = 64
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _build(so_path: Path) -> None:
+    """Compile SOURCE against this torch into so_path (a temporary name, then renamed: concurrent
+    builds and a killed one never leave a half-written library)."""
+    from torch.utils.cpp_extension import include_paths
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    so_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=so_path.parent) as tmp:
+        out = Path(tmp) / so_path.name
+        cmd = [os.environ.get("CXX", "c++"), "-O3", "-std=c++20", "-shared", "-fPIC", "-march=x86-64-v4",
+               "-mavx512bf16", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *[f"-I{p}" for p in include_paths()], str(SOURCE), "-o", str(out),
+               # torch's own OpenMP runtime (libgomp.so.1 in torch/lib), already loaded: one thread pool.
+               f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out.replace(so_path)
+
+
+def _packed_linear_shape(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    # What torch.compile traces in place of the kernel: the output's shape and dtype.
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    batch, heads, n_q, dim = q.shape
+    return q.new_empty(batch, n_q, heads, dim).transpose(1, 2)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel runs on this host (built and loaded on the first call)."""
+    if os.environ.get("MULTITOKEN_KERNELS", "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or "avx512_bf16" not in _cpu_flags():
+        return False
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MULTITOKEN_CACHE", Path.home() / ".cache" / "multitoken"))
+    so_path = cache / "kernels" / key / "packed_linear.so"
+    try:
+        if not so_path.exists():
+            log.info("building the packed bf16 kernel into %s", so_path)
+            _build(so_path)
+        torch.ops.load_library(str(so_path))
+        torch.library.register_fake("multitoken::packed_linear")(_packed_linear_shape)
+        torch.library.register_fake("multitoken::few_query_attention")(_attention_shape)
+    except (OSError, subprocess.CalledProcessError) as e:
+        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        first_error = next((line for line in lines if "error" in line), lines[-1] if lines else repr(e))
+        log.warning("multitoken: the bf16 CPU kernels did not build or load (%s); using ATen's", first_error)
+        return False
+    return True
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 (out, in) weight as the kernel reads it: (ceil(out / 16), in / 2, 32), each row of 32 the
+    2 consecutive inputs of 16 consecutive outputs; outputs padded with zeros to a multiple of 16."""
+    out_features, in_features = weight.shape
+    if in_features % 2:
+        raise ValueError(f"packed products need an even number of input features, got {in_features}")
+    blocks = -(-out_features // BLOCK)
+    w = F.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, blocks * BLOCK - out_features))
+    return w.reshape(blocks, BLOCK, in_features // 2, 2).transpose(1, 2).reshape(blocks, in_features // 2, 2 * BLOCK).contiguous()
+
+
+def _version(weight: torch.Tensor) -> tuple[int, int]:
+    """What changes when a weight does: its storage, or its version counter (bumped by in-place updates,
+    an optimizer's too). Inference tensors keep no counter; they cannot be changed in place outside
+    inference mode anyway."""
+    try:
+        return weight.data_ptr(), weight._version
+    except RuntimeError:
+        return weight.data_ptr(), -1
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear without bias that, for inference with up to PACKED_MAX_ROWS rows of bf16 input, runs the packed kernel
+    on a packed copy of its weight (`packed`, made by `use_packed_matmuls`; not in the state dict).
+    With gradients on, more rows, or no packed copy, it is nn.Linear. Eagerly the copy follows changes
+    to the weight; a compiled graph keeps the copy it was traced with (build new steps after training)."""
+
+    _packed_from: tuple[int, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or torch.is_grad_enabled() or x.dtype != torch.bfloat16 or x.shape[:-1].numel() > PACKED_MAX_ROWS:
+            return F.linear(x, self.weight)
+        if not torch.compiler.is_compiling() and self._packed_from != _version(self.weight):
+            self.repack()
+        # The weight's shape, not self.out_features: compiled steps guard every plain attribute they read.
+        return torch.ops.multitoken.packed_linear(x, self.packed, self.weight.shape[0])
+
+    def repack(self) -> None:
+        """Pack the current weight (a bf16 CPU one; anything else drops the copy)."""
+        w = self.weight
+        usable = w.device.type == "cpu" and w.dtype == torch.bfloat16
+        # A buffer, not a plain attribute: frozen steps take it as a constant, as they take the weights,
+        # and guard it no more than them. Not persistent: the state dict is the model's as it was.
+        packed = pack_weight(w) if usable else None
+        if packed is not None:
+            packed.is_packed_weight = True  # for frozen steps' guard filter (steps._frozen_guards)
+        self.register_buffer("packed", packed, persistent=False)
+        self._packed_from = _version(w) if usable else None
+
+    def _apply(self, fn, recurse=True):
+        # .to() and the like: the copy follows the weight (dropped off the CPU or bf16).
+        super()._apply(fn, recurse)
+        self.repack()
+        return self
+
+
+def use_packed_matmuls(modules: Iterable[nn.Module], packed: bool = True) -> None:
+    """Make each bf16 CPU nn.Linear without bias among `modules` a PackedLinear with its packed copy, in
+    place (the same parameters and state dict; the copy doubles their memory); `packed=False` makes every
+    PackedLinear among them plain again. Other modules are left as they are."""
+    if packed and not available():
+        raise RuntimeError("the packed bf16 kernel does not run on this host (it needs x86-64 Linux with "
+                           "avx512_bf16 and a C++ compiler): leave products to ATen")
+    for module in modules:
+        if not packed and type(module) is PackedLinear:
+            module._buffers.pop("packed", None)
+            module.__class__ = nn.Linear
+        elif packed and type(module) is nn.Linear and module.bias is None:
+            w = module.weight
+            if w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0:
+                module.__class__ = PackedLinear
+                module.repack()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`model.scaled_dot_product` for decode steps: in the kernel for bf16 CPU tensors of up to
+    ATTENTION_MAX_QUERIES queries per row and a head_dim that is a multiple of 16 (at most 256), each
+    query in float32 on its own; otherwise, and with gradients on, scaled_dot_product."""
+    dim = q.shape[-1]
+    if (q.dtype != torch.bfloat16 or q.device.type != "cpu" or dim % 16 or dim > 256 or torch.is_grad_enabled()
+            or q.shape[2] > ATTENTION_MAX_QUERIES):
+        return scaled_dot_product(q, k, v, mask)
+    return torch.ops.multitoken.few_query_attention(q, k, v, mask)

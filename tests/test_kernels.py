@@ -1,0 +1,183 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import random_model, tiny_args
+from multitoken import kernels
+from multitoken.generation import Llama
+from multitoken.kernels import ATTENTION_MAX_QUERIES, PACKED_MAX_ROWS, PackedLinear, attention, pack_weight, use_packed_matmuls
+from multitoken.model import scaled_dot_product
+from multitoken.steps import DecodeSteps, inference_products
+from test_generation import IdTokenizer
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the packed kernel needs x86-64 Linux with avx512_bf16")
+
+
+def _packed(out_features: int, in_features: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
+    use_packed_matmuls([linear])
+    return linear
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, PACKED_MAX_ROWS])
+@pytest.mark.parametrize("shape", [(1536, 256), (100, 64), (17, 2), (48, 770)])
+def test_packed_linear_computes_the_linear_map(rows, shape):
+    linear = _packed(*shape)
+    x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+    expected = x.double() @ linear.weight.double().T
+    with torch.inference_mode():
+        got = linear(x)
+    assert got.shape == (rows, shape[0]) and got.dtype == torch.bfloat16
+    # float32 sums of bf16 products, rounded once to bf16: within bf16's half-ulp of the exact product.
+    torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=1e-6 * expected.abs().max().item())
+
+
+@needs_kernel
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
+    linear = _packed(300, 128)
+    x = torch.randn(2, 13, 128).to(torch.bfloat16)
+    with torch.inference_mode():
+        together = linear(x)
+        for b in range(2):
+            for t in range(13):
+                assert torch.equal(linear(x[b, t:t + 1]), together[b, t:t + 1])
+        assert torch.equal(linear(x[:, 3:7]), together[:, 3:7])
+
+
+@needs_kernel
+def test_packed_linear_is_nn_linear_with_gradients_or_many_rows():
+    linear = _packed(64, 32)
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    y = linear(x)  # gradients on: nn.Linear, differentiable
+    assert y.grad_fn is not None and torch.equal(y, F.linear(x, linear.weight))
+    many = torch.randn(PACKED_MAX_ROWS + 1, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(linear(many), F.linear(many, linear.weight))
+
+
+@needs_kernel
+def test_the_packed_copy_follows_the_weight():
+    linear = _packed(64, 32)
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.mul_(-2)  # an in-place update, as an optimizer's
+        torch.testing.assert_close(linear(x).double(), x.double() @ linear.weight.double().T, rtol=2**-8, atol=1e-3)
+    linear.float()  # not bf16: the copy is dropped, the layer is nn.Linear's map
+    assert linear.packed is None
+    with torch.no_grad():
+        assert torch.equal(linear(x.float()), F.linear(x.float(), linear.weight))
+
+
+@needs_kernel
+def test_packing_keeps_parameters_and_state_dict_and_can_be_undone():
+    model = random_model(dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    use_packed_matmuls(inference_products(model))
+    assert isinstance(model.output, PackedLinear) and isinstance(model.layers[0].attention.wq, PackedLinear)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    use_packed_matmuls(inference_products(model), packed=False)
+    assert type(model.output) is nn.Linear and not hasattr(model.output, "packed")
+
+
+def test_packed_kernel_refuses_what_it_cannot_pack():
+    with pytest.raises(ValueError, match="even number of input features, got 5"):
+        pack_weight(torch.zeros(8, 5, dtype=torch.bfloat16))
+    linear = nn.Linear(5, 8, bias=False).to(torch.bfloat16)
+    if kernels.available():
+        use_packed_matmuls([linear])  # left to ATen
+        assert type(linear) is nn.Linear
+
+
+def test_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("MULTITOKEN_KERNELS", "0")
+    kernels.available.cache_clear()
+    try:
+        assert not kernels.available()
+        with pytest.raises(RuntimeError, match="does not run on this host"):
+            use_packed_matmuls([nn.Linear(4, 4)])
+        model = random_model(dtype=torch.bfloat16)
+        model.setup_caches(1, 32)
+        assert not DecodeSteps(model).cpu_kernels
+    finally:
+        kernels.available.cache_clear()
+
+
+def _attention_inputs(batch, heads, kv_heads, n_q, keys, dim, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(batch, n_q, heads, dim).to(torch.bfloat16).transpose(1, 2)  # as Attention.attend passes it
+    cache = torch.randn(2, batch, kv_heads, keys + 9, dim).to(torch.bfloat16)  # a span of a longer cache
+    mask = torch.rand(batch, 1, n_q, keys) < 0.6
+    mask[..., 0] = True
+    return q, cache[0, :, :, :keys], cache[1, :, :, :keys], mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 8, 4, 1, 144, 32), (2, 8, 8, 9, 40, 64), (3, 32, 8, 2, 100, 128), (1, 4, 4, 17, 23, 16)])
+def test_attention_matches_a_float64_reference(shape):
+    q, k, v, mask = _attention_inputs(*shape)
+    with torch.inference_mode():
+        got = attention(q, k, v, mask)
+        n_q = q.shape[2]
+        causal = attention(q, k[:, :, -n_q - 3:], v[:, :, -n_q - 3:], None)  # the queries are the last tokens
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), scaled_dot_product(q.double(), k.double(), v.double(), mask), rtol=2e-2, atol=1e-2)
+    # Without a mask query t sees every key up to its own position, keys - n_q + t.
+    keys = n_q + 3
+    causal_mask = torch.arange(keys) <= torch.arange(n_q)[:, None] + keys - n_q
+    expected = scaled_dot_product(q.double(), k[:, :, -keys:].double(), v[:, :, -keys:].double(), causal_mask)
+    torch.testing.assert_close(causal.double(), expected, rtol=2e-2, atol=1e-2)
+
+
+@needs_kernel
+def test_a_querys_attention_does_not_depend_on_the_queries_beside_it():
+    q, k, v, mask = _attention_inputs(2, 8, 4, 9, 77, 32)
+    with torch.inference_mode():
+        together = attention(q, k, v, mask)
+        for t in range(9):
+            assert torch.equal(attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1]), together[:, :, t:t + 1])
+        assert torch.equal(attention(q[1:], k[1:], v[1:], mask[1:]), together[1:])
+
+
+def test_attention_is_scaled_dot_product_elsewhere():
+    q, k, v, mask = _attention_inputs(1, 4, 2, ATTENTION_MAX_QUERIES + 1, 80, 16)
+    with torch.inference_mode():
+        assert torch.equal(attention(q, k, v, mask), scaled_dot_product(q, k, v, mask))  # too many queries
+        q32, k32, v32 = q[:, :, :3].float(), k.float(), v.float()
+        assert torch.equal(attention(q32, k32, v32, mask[:, :, :3]), scaled_dot_product(q32, k32, v32, mask[:, :, :3]))
+    q, k, v, mask = _attention_inputs(1, 4, 2, 2, 30, 16)
+    assert torch.equal(attention(q, k, v, mask), scaled_dot_product(q, k, v, mask))  # gradients on
+
+
+@needs_kernel
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bf16_self_speculation_gives_plain_decodings_tokens(compiled):
+    # Every product and attention of a verify step computes each token as a 1-token step does, so in
+    # bf16 too the chain and the tree emit exactly plain greedy decoding's tokens (ATen's bf16 kernels
+    # round multi-token steps differently, and decodings part at near-ties).
+    model = random_model(tiny_args(n_future_tokens=4, dim=64, n_heads=4, n_kv_heads=2), dtype=torch.bfloat16, std=0.3)
+    model.setup_caches(3, 128)
+    llama = Llama(model, IdTokenizer())
+    if compiled:
+        llama.compile()
+    assert llama.steps.cpu_kernels and isinstance(model.output, PackedLinear)
+    assert all(block.attention.sdpa is attention for block in model.layers)
+    prompts = [[1, 5, 9, 200, 7, 7], [1, 7], [1, 100, 101, 102]]
+    plain, _ = llama.generate(prompts, max_gen_len=48, temperature=0)
+    assert llama.generate(prompts, max_gen_len=48, temperature=0, speculative=True)[0] == plain
+    assert llama.generate(prompts[:1], max_gen_len=48, temperature=0, tree=6)[0] == plain[:1]
+    assert llama.generate(prompts[1:], max_gen_len=48, temperature=0, tree=[[0], [1], [0, 0]])[0] == plain[1:]
+
+
+@needs_kernel
+def test_steps_without_cpu_kernels_are_atens_again():
+    model = random_model(dtype=torch.bfloat16)
+    model.setup_caches(1, 32)
+    steps = DecodeSteps(model)
+    assert steps.cpu_kernels and isinstance(model.layers[0].attention.wq, PackedLinear)
+    steps = DecodeSteps(model, cpu_kernels=False)
+    assert not steps.cpu_kernels and type(model.layers[0].attention.wq) is nn.Linear
+    assert model.layers[0].attention.sdpa is scaled_dot_product
