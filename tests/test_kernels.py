@@ -169,7 +169,8 @@ def test_bf16_self_speculation_gives_plain_decodings_tokens(compiled):
     plain, _ = llama.generate(prompts, max_gen_len=48, temperature=0)
     assert llama.generate(prompts, max_gen_len=48, temperature=0, speculative=True)[0] == plain
     assert llama.generate(prompts[:1], max_gen_len=48, temperature=0, tree=6)[0] == plain[:1]
-    assert llama.generate(prompts[1:], max_gen_len=48, temperature=0, tree=[[0], [1], [0, 0]])[0] == plain[1:]
+    if not compiled:  # (each tree shape is a graph of its own: CI's time)
+        assert llama.generate(prompts[1:], max_gen_len=48, temperature=0, tree=[[0], [1], [0, 0]])[0] == plain[1:]
 
 
 @needs_kernel

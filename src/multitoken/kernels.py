@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_linear.cpp"
 BLOCK = 16  # outputs per packed block: one 512-bit vector of float32 sums
+TILE = 128  # outputs per packed tile: 8 blocks, whose weights are one stream in memory
 # Up to this many rows (tokens x batch) a product runs in the kernel; more (a prefill) go to ATen,
 # whose blocked GEMMs win once the weights are read often enough.
 PACKED_MAX_ROWS = 64
@@ -104,14 +105,16 @@ def available() -> bool:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 (out, in) weight as the kernel reads it: (ceil(out / 16), in / 2, 32), each row of 32 the
-    2 consecutive inputs of 16 consecutive outputs; outputs padded with zeros to a multiple of 16."""
+    """A bf16 (out, in) weight as the kernel reads it: (tiles, in / 2, 8, 32), for each tile of 128 outputs
+    and each pair of consecutive inputs, 8 vectors of 16 outputs x 2 inputs (one stream in memory per
+    tile); outputs padded with zeros to a multiple of 128."""
     out_features, in_features = weight.shape
     if in_features % 2:
         raise ValueError(f"packed products need an even number of input features, got {in_features}")
-    blocks = -(-out_features // BLOCK)
-    w = F.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, blocks * BLOCK - out_features))
-    return w.reshape(blocks, BLOCK, in_features // 2, 2).transpose(1, 2).reshape(blocks, in_features // 2, 2 * BLOCK).contiguous()
+    tiles = -(-out_features // TILE)
+    w = F.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, tiles * TILE - out_features))
+    w = w.reshape(tiles, TILE // BLOCK, BLOCK, in_features // 2, 2).permute(0, 3, 1, 2, 4)
+    return w.reshape(tiles, in_features // 2, TILE // BLOCK, 2 * BLOCK).contiguous()
 
 
 def _version(weight: torch.Tensor) -> tuple[int, int]:

@@ -19,13 +19,13 @@
 namespace {
 
 constexpr int64_t kBlock = 16;  // outputs per 512-bit vector of float32 sums
+constexpr int64_t kTile = 8;    // blocks per tile, the packing's unit: a tile's weights are one stream in memory
 constexpr int kMaxRows = 8;     // rows per pass over the weights
-constexpr int kTileBlocks = 8;  // blocks a thread's share of the outputs is rounded to
 
-// Rows x[0 .. R) times NB blocks of 16 packed outputs from w, written to y[:, n0 ...) up to `width`
-// outputs (past it: the packing's zero padding). R * NB sums in registers, independent of each other, so
-// that the multiply-adds' latency is hidden even for a single row; each output's sum runs over the input
-// pairs in order, whatever R and NB are.
+// Rows x[0 .. R) times NB blocks of 16 packed outputs of one tile (w: its first block's first vector),
+// written to y[:, n0 ...) up to `width` outputs (past it: the packing's zero padding). R * NB sums in
+// registers, independent of each other, so that the multiply-adds' latency is hidden even for a single
+// row; each output's sum runs over the input pairs in order, whatever R and NB are.
 template <int R, int NB>
 void product_tile(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat16* y, int64_t y_stride, int64_t n0,
                   int64_t width) {
@@ -34,7 +34,7 @@ void product_tile(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat1
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh wb[NB];
-    for (int b = 0; b < NB; ++b) wb[b] = (__m512bh)_mm512_loadu_si512(w + b * pairs + p);
+    for (int b = 0; b < NB; ++b) wb[b] = (__m512bh)_mm512_loadu_si512(w + p * kTile + b);
     for (int r = 0; r < R; ++r) {
       const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * pairs + p]);
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, wb[b]);
@@ -48,31 +48,36 @@ void product_tile(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat1
   }
 }
 
-// Fewer rows, more blocks at a time: at least 8 independent sums, at most 16 in registers.
+// Fewer rows, more blocks at a time: at least 8 independent sums, at most 16 in registers. A tile's
+// weights stay in cache between its passes.
 template <int R>
 void product_rows(const int32_t* x, int64_t pairs, const __m512i* packed, at::BFloat16* y, int64_t n,
-                  int64_t block_begin, int64_t block_end) {
+                  int64_t tile_begin, int64_t tile_end) {
   constexpr int NB = R <= 2 ? 8 : R <= 4 ? 4 : 2;
-  int64_t b = block_begin;
-  for (; b + NB <= block_end; b += NB) product_tile<R, NB>(x, pairs, packed + b * pairs, y, n, b * kBlock, n - b * kBlock);
-  for (; b < block_end; ++b) product_tile<R, 1>(x, pairs, packed + b * pairs, y, n, b * kBlock, n - b * kBlock);
+  for (int64_t t = tile_begin; t < tile_end; ++t)
+    for (int64_t j = 0; j < kTile; j += NB) {
+      const int64_t n0 = (t * kTile + j) * kBlock;
+      if (n0 >= n) break;
+      product_tile<R, NB>(x, pairs, packed + t * pairs * kTile + j, y, n, n0, n - n0);
+    }
 }
 
 using RowsFn = void (*)(const int32_t*, int64_t, const __m512i*, at::BFloat16*, int64_t, int64_t, int64_t);
 constexpr RowsFn kRowsFns[kMaxRows] = {product_rows<1>, product_rows<2>, product_rows<3>, product_rows<4>,
                                        product_rows<5>, product_rows<6>, product_rows<7>, product_rows<8>};
 
-// y (rows, n) = x (rows, k) @ W.T, with W packed by pack_weight.
+// y (rows, n) = x (rows, k) @ W.T, with W packed by pack_weight: (tiles, k / 2, kTile, 2 * kBlock).
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "packed_linear: x must be a bfloat16 CPU tensor");
-  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.size(2) == 2 * kBlock && packed.is_contiguous(),
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == kTile &&
+              packed.size(3) == 2 * kBlock && packed.is_contiguous(),
               "packed_linear: packed weights must come from multitoken.kernels.pack_weight");
-  const int64_t k = x.size(-1), pairs = packed.size(1);
+  const int64_t k = x.size(-1), pairs = packed.size(1), tiles = packed.size(0);
   TORCH_CHECK(k == 2 * pairs, "packed_linear: x has ", k, " features, the packed weights ", 2 * pairs);
-  TORCH_CHECK(out_features > (packed.size(0) - 1) * kBlock && out_features <= packed.size(0) * kBlock,
-              "packed_linear: ", out_features, " outputs do not match ", packed.size(0), " packed blocks");
+  TORCH_CHECK(out_features > (tiles - 1) * kTile * kBlock && out_features <= tiles * kTile * kBlock,
+              "packed_linear: ", out_features, " outputs do not match ", tiles, " packed tiles");
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  const int64_t rows = x2.size(0), blocks = packed.size(0);
+  const int64_t rows = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
   at::Tensor y = at::empty(out_shape, x.options());
@@ -80,13 +85,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   const auto* xp = reinterpret_cast<const int32_t*>(x2.const_data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const __m512i*>(packed.const_data_ptr<at::BFloat16>());
   auto* yp = y.mutable_data_ptr<at::BFloat16>();
-  // Threads split the outputs in tiles of blocks; each reads its share of the weights once per kMaxRows rows.
-  const int64_t tiles = (blocks + kTileBlocks - 1) / kTileBlocks, threads = at::get_num_threads();
+  // Threads split the tiles; each reads its share of the weights once per kMaxRows rows.
+  const int64_t threads = at::get_num_threads();
   at::parallel_for(0, tiles, (tiles + threads - 1) / threads, [&](int64_t t0, int64_t t1) {
-    const int64_t b0 = kTileBlocks * t0, b1 = std::min(blocks, kTileBlocks * t1);
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const int64_t r = std::min<int64_t>(kMaxRows, rows - r0);
-      kRowsFns[r - 1](xp + r0 * pairs, pairs, wp, yp + r0 * out_features, out_features, b0, b1);
+      kRowsFns[r - 1](xp + r0 * pairs, pairs, wp, yp + r0 * out_features, out_features, t0, t1);
     }
   });
   return y;
