@@ -1,15 +1,16 @@
-"""A CPU kernel of our own: bf16 products of a few rows (`csrc/packed_linear.cpp`), for decode steps.
+"""CPU kernels of our own for bf16 decode steps (`csrc/packed_linear.cpp`): products of a few rows
+(`PackedLinear`) and attention of a few queries (`attention`).
 
 A decode step multiplies 1 to a few dozen rows (a token, or the last token and its drafts, per batch
 row) by every weight matrix. ATen's bf16 products pay ~30 us a call here whatever their size and grow
 with every row; the kernel reads weights packed for AVX-512 BF16's pairwise multiply-add once per 8
 rows. On the 2-core AVX-512 BF16 host, a (1536 x 256) product of 1 row took 10 us (ATen 58), of 4
-rows 14 (ATen 68). Each output is the same float32 sum in the same order whatever the other rows are,
-so a row's product does not depend on the number of rows beside it.
+rows 14 (ATen 68). Each output, and each query's attention, is the same float32 sum in the same order
+whatever the other rows are, so a token's result does not depend on the tokens beside it.
 
-The kernel is built on first use with the host's C++ compiler (~10 s, cached under
+The kernels are built on first use with the host's C++ compiler (~10 s, cached under
 ~/.cache/multitoken), only on x86-64 Linux CPUs that report avx512_bf16; `available()` says whether
-it runs here, and everything falls back to ATen where it does not. MULTITOKEN_KERNELS=0 turns it off.
+they run here, and everything falls back to ATen where it does not. MULTITOKEN_KERNELS=0 turns them off.
 """
 
 from __future__ import annotations

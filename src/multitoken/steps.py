@@ -88,14 +88,6 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return out.reshape(bsz, n_heads, 1, head_dim).to(v.dtype)
 
 
-def use_single_query_attention(model: Transformer) -> Transformer:
-    """Let every block's attention run `single_query_attention`, in place (a compiled CPU step's
-    single queries take it; the rest, and eager forwards, keep scaled_dot_product)."""
-    for block in [*model.layers, *model.extra_heads]:
-        block.attention.sdpa = single_query_attention
-    return model
-
-
 def _fused_pays(fused: nn.Linear, x: torch.Tensor) -> bool:
     """Whether a fused product should replace the separate ones: not with gradients on (the fused
     weight is not a parameter), nor for row-wise reductions, which inductor fuses side by side
@@ -148,7 +140,8 @@ def _fuse(module: nn.Module, name: str, parts: list[nn.Linear]) -> None:
     row views of it: the same parameters and memory, one product instead of len(parts)."""
     weight = torch.cat([part.weight.detach() for part in parts])
     fused = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False, device="meta")
-    fused.__class__ = type(parts[0])  # a RowwiseLinear stays one
+    # A RowwiseLinear stays one; a PackedLinear's packed copy is the caller's to make (DecodeSteps).
+    fused.__class__ = RowwiseLinear if isinstance(parts[0], RowwiseLinear) else nn.Linear
     fused.weight = nn.Parameter(weight, requires_grad=False)
     start = 0
     for part in parts:
@@ -309,11 +302,11 @@ class DecodeSteps:
         self.greedy = self._greedy
         weight = model.tok_embeddings.weight
         low_precision_cpu = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+        room = _room_for_a_second_copy(model)
         if cpu_kernels is None:
-            cpu_kernels = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and kernels.available()
-                           and _room_for_a_second_copy(model))
+            cpu_kernels = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and kernels.available() and room
         if freeze is None:
-            freeze = compile and mode is None and low_precision_cpu and _room_for_a_second_copy(model)
+            freeze = compile and mode is None and low_precision_cpu and room
         if freeze and (not compile or mode is not None):
             raise ValueError("freeze=True is for steps compiled without a mode (compile=True, mode=None)")
         self.frozen = freeze
@@ -334,10 +327,13 @@ class DecodeSteps:
         if compile if fuse is None else fuse:
             fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
         self.cpu_kernels = cpu_kernels
-        # Packed copies of exactly the products these steps run (earlier steps may have packed others).
-        kernels.use_packed_matmuls([*model.modules(), *inference_products(model)], packed=False)
+        # Packed copies of exactly the products these steps run: earlier steps may have packed others
+        # (separate q, k, v before fusing), and the copies they made of these are kept.
+        products = inference_products(model)
+        kept = {id(p) for p in products} if cpu_kernels else set()
+        kernels.use_packed_matmuls([m for m in [*model.modules(), *products] if id(m) not in kept], packed=False)
         if cpu_kernels:
-            kernels.use_packed_matmuls(inference_products(model))
+            kernels.use_packed_matmuls(products)
         if single_query is None:
             single_query = compile and weight.device.type == "cpu"
         for block in [*model.layers, *model.extra_heads]:
