@@ -2,7 +2,10 @@
 the standard library modules it was trained on (held-out modules excluded), one per line with "\\n"
 for newlines, as `multitoken distill --prompts-file` reads them. Deterministic (seed 0).
 
-    python recipes/default-model-heads/prompts.py OUT.txt
+    python recipes/default-model-heads/prompts.py OUT.txt [N] [PER_FILE]
+
+N prompts (default 2000), PER_FILE places drawn in each module (default 3; more for a larger N: there
+are ~715 modules). The defaults give the prompts the first distillation used, unchanged.
 """
 
 import os
@@ -13,7 +16,7 @@ from pathlib import Path
 from multitoken.train.data import HELD_OUT_MODULES
 
 
-def main(out: Path, n: int = 2000, seed: int = 0) -> None:
+def main(out: Path, n: int = 2000, per_file: int = 3, seed: int = 0) -> None:
     root = Path(os.__file__).parent
     held_out = set(HELD_OUT_MODULES)
     files = sorted(p for p in root.rglob("*.py")
@@ -28,7 +31,7 @@ def main(out: Path, n: int = 2000, seed: int = 0) -> None:
             continue
         if len(lines) < 12:
             continue
-        for _ in range(3):
+        for _ in range(per_file):
             i = rng.randrange(0, max(1, len(lines) - 8))
             text = "".join(lines[i:i + 6])
             if 20 < len(text) < 400:
@@ -39,4 +42,4 @@ def main(out: Path, n: int = 2000, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *map(int, sys.argv[2:4]))
