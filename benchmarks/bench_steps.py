@@ -1,6 +1,6 @@
 """Compiled decode steps alone, two ways of compiling them side by side, interleaved in one run.
 
-    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze|attention|kernels] [--dtype float32] [--batch 1]
+    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze|attention|kernels|checks|wrapper] [--dtype float32] [--batch 1]
         [--position 64] [--rounds 8] [--calls 10] [--threads 2] [--tree N]
 
 Times the three step functions a decoding loop calls, as compiled graphs with no loop around them:
@@ -12,7 +12,9 @@ weights as constants packed for the CPU's matrix units or not (`DecodeSteps(free
 default for compiled bf16/fp16 steps on a CPU); `attention`, one query's attention as ATen's flash
 kernel or as multiplies and sums (`DecodeSteps(single_query=...)`, the default on a CPU without `kernels`);
 `kernels`, bf16 products and attention by ATen (and inductor) or by `multitoken.kernels`
-(`DecodeSteps(cpu_kernels=...)`, the default in bf16 where they run). --tree N
+(`DecodeSteps(cpu_kernels=...)`, the default in bf16 where they run); `checks`, inductor's checks of
+sizes, strides and alignment around its kernel calls or not (`steps.UNCHECKED_OPTIONS`, the default);
+`wrapper`, inductor's generated code that calls the kernels as Python or as C++ (`cpp_wrapper`). --tree N
 also times the fused greedy tree step of an N-node tree (`tree.greedy_tree_step`). Rounds alternate
 between the two so that the machine's drift hits both alike; each figure is the fastest round's mean over --calls calls (noise
 only adds time).
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from multitoken.checkpoint import load_model
-from multitoken.steps import DecodeSteps
+from multitoken.steps import UNCHECKED_OPTIONS, DecodeSteps
 from multitoken.tree import TreeDrafter, greedy_tree_step
 
 # --compare: the (name, DecodeSteps options) of the baseline, then of the variant.
@@ -37,6 +39,8 @@ COMPARISONS = {
     "attention": (("flash", {"single_query": False, "cpu_kernels": False}),
                   ("single-query", {"single_query": True, "cpu_kernels": False})),
     "kernels": (("aten", {"cpu_kernels": False}), ("kernels", {"cpu_kernels": True})),
+    "checks": (("checked", {"compile_options": {name: True for name in UNCHECKED_OPTIONS}}), ("unchecked", {})),
+    "wrapper": (("python", {}), ("c++", {"compile_options": {"cpp_wrapper": True}})),
 }
 
 
@@ -46,7 +50,8 @@ def main() -> None:
     p.add_argument("--compare", choices=sorted(COMPARISONS), default="fuse",
                    help="fuse: fused q/k/v and w1/w3 products against separate ones; freeze: frozen steps against "
                         "unfrozen; attention: single-query attention as multiplies and sums against ATen's flash kernel; "
-                        "kernels: multitoken.kernels' bf16 products and attention against ATen's")
+                        "kernels: multitoken.kernels' bf16 products and attention against ATen's; checks: inductor's "
+                        "size/stride/alignment checks around kernel calls or not; wrapper: Python or C++ generated wrapper")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--position", type=int, default=64, help="cache position the steps write at")

@@ -194,6 +194,16 @@ def test_freezing_is_the_default_for_compiled_low_precision_cpu_steps_only(monke
         DecodeSteps(model, compile=False, freeze=True)
 
 
+def test_compile_options_reach_torch_compile_and_refuse_a_mode():
+    model = random_model()
+    model.setup_caches(1, 16)
+    # torch.compile checks option names when the steps are compiled, i.e. on construction.
+    with pytest.raises(RuntimeError, match="no_such_option"):
+        DecodeSteps(model, compile=True, compile_options={"no_such_option": True})
+    with pytest.raises(ValueError, match="compile_options are for steps compiled without a mode"):
+        DecodeSteps(model, compile=True, mode="reduce-overhead", compile_options={"cpp_wrapper": True})
+
+
 @pytest.mark.slow
 def test_frozen_steps_give_the_eager_greedy_tokens_and_leave_the_freezing_flag_alone():
     """Frozen (weights as packed constants, max-autotune GEMMs): plain and self-speculative greedy

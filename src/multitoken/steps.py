@@ -208,6 +208,13 @@ FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_bac
                   "autotune_num_choices_displayed": 0}
 
 
+# Checks inductor's generated code makes around its kernel calls (the sizes, strides and alignment of
+# extern kernels' outputs, the range of scalars): some 150 Python calls in a greedy self-speculative
+# step of the shipped model. A step's shapes are fixed when it is traced; these check nothing per call
+# that the tests of the kernels and steps do not. Dropped wherever steps take options (no mode).
+UNCHECKED_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+
+
 # Guards dynamo checks before every call that frozen steps do not need: the structure of the model's
 # modules (hooks, attribute types, absent attributes) and the identity of its parameters (and of the
 # kernels' packed weights), which a frozen graph holds as constants and never reads again. Some 1,200 of a step's 1,650 guards on the shipped
@@ -281,11 +288,14 @@ class DecodeSteps:
     of a multi-token step exactly as a 1-token step does: bf16 self-speculation then emits plain
     decoding's tokens (compiled, with inductor rounding to bf16 where eager does). It takes the place
     of `single_query` and `rowwise`.
-    Frozen steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`)."""
+    Frozen steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`),
+    and steps compiled without a mode inductor's checks around its kernel calls (`UNCHECKED_OPTIONS`);
+    `compile_options` are inductor options over these defaults (e.g. {"cpp_wrapper": True})."""
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
                  rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None,
-                 single_query: bool | None = None, dynamic_span: bool | None = None, cpu_kernels: bool | None = None):
+                 single_query: bool | None = None, dynamic_span: bool | None = None, cpu_kernels: bool | None = None,
+                 compile_options: dict | None = None):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
@@ -311,11 +321,17 @@ class DecodeSteps:
             raise ValueError("freeze=True is for steps compiled without a mode (compile=True, mode=None)")
         self.frozen = freeze
         options = {**FROZEN_OPTIONS, "guard_filter_fn": _frozen_guards} if freeze else {}
+        if mode is None:
+            options.update(UNCHECKED_OPTIONS)
         if cpu_kernels and mode is None:
             # Round to bf16 wherever eager rounds: fused kernels otherwise keep float32 in between, and
             # how much they keep changes with the step's shape, so a verify step's tokens would round
             # unlike a 1-token step's (the kernels' own products and attention do not depend on it).
             options["emulate_precision_casts"] = True
+        if compile_options:
+            if mode is not None:
+                raise ValueError("compile_options are for steps compiled without a mode (torch.compile takes one or the other)")
+            options.update(compile_options)
         # torch.compile takes a mode or inductor options, not both.
         self._compile_kwargs = {"options": options} if options else {"mode": mode}
         self._compiled_fns: dict = {}

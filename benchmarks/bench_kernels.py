@@ -1,0 +1,99 @@
+"""`multitoken.kernels` against ATen, operator by operator, interleaved in one run.
+
+    python benchmarks/bench_kernels.py --ckpt-dir CKPT [--rows 1 2 4 5 8 9 16 17 64] [--queries 1 4 9 17]
+        [--keys 144] [--rounds 12] [--threads 2]
+
+Products: every product a decode step runs (`steps.inference_products` of the model with fused
+projections, in bf16), called in a row for each row count, as the packed kernel and as ATen's
+F.linear; the time of all of them, the multiply-adds per second and the weight bytes per second.
+Attention: one block's attention over --keys cached keys (bf16, masked like a compiled step's) for
+each query count, as the kernel and as `model.scaled_dot_product`. Rounds alternate between the two
+ways; each figure is the fastest round (noise only adds time). The kernels need x86-64 Linux with
+AVX-512 BF16 (`kernels.available()`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from multitoken import kernels
+from multitoken.checkpoint import load_model
+from multitoken.model import scaled_dot_product
+from multitoken.steps import fuse_projections, inference_products
+
+
+def fastest(calls: dict[str, Callable[[], object]], rounds: int, repeats: int = 5) -> dict[str, float]:
+    """Seconds per call of each, the fastest of `rounds` rounds of `repeats` calls, the calls alternating."""
+    best = {name: float("inf") for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            best[name] = min(best[name], (time.perf_counter() - t0) / repeats)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt-dir", type=Path, required=True)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 5, 8, 9, 16, 17, 64],
+                   help="rows (tokens x batch) per product")
+    p.add_argument("--queries", type=int, nargs="+", default=[1, 4, 9, 17], help="queries per row for attention")
+    p.add_argument("--keys", type=int, default=144, help="cached keys each query may see")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not kernels.available():
+        raise SystemExit("error: multitoken.kernels do not run on this host (x86-64 Linux with avx512_bf16 and a "
+                         "C++ compiler needed)")
+    if max(a.rows) > kernels.PACKED_MAX_ROWS or max(a.queries) > kernels.ATTENTION_MAX_QUERIES:
+        raise SystemExit(f"error: the kernels take up to {kernels.PACKED_MAX_ROWS} rows and "
+                         f"{kernels.ATTENTION_MAX_QUERIES} queries")
+    model = load_model(a.ckpt_dir, device="cpu", dtype=torch.bfloat16, max_seq_len=a.keys + max(a.queries))
+    fuse_projections(model)
+    products = inference_products(model)
+    kernels.use_packed_matmuls(products)
+    weights = [(m.packed, m.weight) for m in products]
+    macs = sum(w.numel() for _, w in weights)
+    print(f"{a.ckpt_dir}: {len(weights)} products, {macs / 1e6:.1f}M weights ({2 * macs / 1e6:.1f} MB in bf16), "
+          f"threads {torch.get_num_threads()}, torch {torch.__version__}", flush=True)
+
+    print(f"{'rows':>4} {'kernel ms':>10} {'GMAC/s':>7} {'GB/s':>6} {'aten ms':>9} {'GMAC/s':>7} {'aten / kernel':>14}")
+    with torch.inference_mode():
+        for rows in a.rows:
+            xs = {n: torch.randn(rows, n, dtype=torch.bfloat16) for n in {w.shape[1] for _, w in weights}}
+            calls = {
+                "kernel": lambda: [torch.ops.multitoken.packed_linear(xs[w.shape[1]], pw, w.shape[0]) for pw, w in weights],
+                "aten": lambda: [F.linear(xs[w.shape[1]], w) for _, w in weights],
+            }
+            t = fastest(calls, a.rounds)
+            k, at = t["kernel"], t["aten"]
+            print(f"{rows:>4} {1e3 * k:>10.3f} {rows * macs / k / 1e9:>7.1f} {2 * macs / k / 1e9:>6.1f} "
+                  f"{1e3 * at:>9.3f} {rows * macs / at / 1e9:>7.1f} {at / k:>13.2f}x", flush=True)
+
+        args = model.args
+        print(f"\nattention of one block: {args.n_heads} heads, {args.n_kv_heads} kv heads, head_dim {args.head_dim}, "
+              f"{a.keys} keys")
+        print(f"{'queries':>7} {'kernel us':>10} {'aten us':>9} {'aten / kernel':>14}")
+        for n_q in a.queries:
+            keys = a.keys + n_q
+            q = torch.randn(1, args.n_heads, n_q, args.head_dim, dtype=torch.bfloat16)
+            k, v = (torch.randn(1, args.n_kv_heads, keys, args.head_dim, dtype=torch.bfloat16) for _ in range(2))
+            # As a compiled step masks: the cache before the new tokens, then causal among them.
+            mask = torch.ones(1, 1, n_q, keys, dtype=torch.bool).tril(keys - n_q)
+            calls = {"kernel": lambda: kernels.attention(q, k, v, mask), "aten": lambda: scaled_dot_product(q, k, v, mask)}
+            t = fastest(calls, a.rounds, repeats=50)
+            print(f"{n_q:>7} {1e6 * t['kernel']:>10.1f} {1e6 * t['aten']:>9.1f} {t['aten'] / t['kernel']:>13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
