@@ -52,8 +52,8 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _build(so_path: Path) -> None:
-    """Compile SOURCE against this torch into so_path (a temporary name, then renamed: concurrent
+def _build(so_path: Path, source: Path = SOURCE) -> None:
+    """Compile `source` against this torch into so_path (a temporary name, then renamed: concurrent
     builds and a killed one never leave a half-written library)."""
     from torch.utils.cpp_extension import include_paths
 
@@ -63,7 +63,7 @@ def _build(so_path: Path) -> None:
         out = Path(tmp) / so_path.name
         cmd = [os.environ.get("CXX", "c++"), "-O3", "-std=c++20", "-shared", "-fPIC", "-march=x86-64-v4",
                "-mavx512bf16", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *[f"-I{p}" for p in include_paths()], str(SOURCE), "-o", str(out),
+               *[f"-I{p}" for p in include_paths()], str(source), "-o", str(out),
                # torch's own OpenMP runtime (libgomp.so.1 in torch/lib), already loaded: one thread pool.
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
