@@ -20,6 +20,7 @@ host's drift (10-40% between runs) cannot pass for a gain.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,10 +56,14 @@ def load_baseline(source: Path) -> object:
     renamed = renamed.replace("TORCH_LIBRARY_IMPL(multitoken,", "TORCH_LIBRARY_IMPL(multitoken_baseline,")
     if renamed.count("multitoken_baseline") != 2:
         raise SystemExit(f"error: {source} does not define the multitoken operator library (TORCH_LIBRARY(multitoken, m))")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_kernels_"))
-    (tmp / "baseline.cpp").write_text(renamed)
-    kernels._build(tmp / "baseline.so", tmp / "baseline.cpp")
-    torch.ops.load_library(str(tmp / "baseline.so"))
+    with tempfile.TemporaryDirectory(prefix="bench_kernels_") as tmp:  # a loaded library outlives its file
+        (Path(tmp) / "baseline.cpp").write_text(renamed)
+        try:
+            kernels._build(Path(tmp) / "baseline.so", Path(tmp) / "baseline.cpp")
+        except subprocess.CalledProcessError as e:
+            first_error = next((line for line in e.stderr.splitlines() if "error" in line), e.stderr.strip()[-500:])
+            raise SystemExit(f"error: {source} does not build: {first_error}") from None
+        torch.ops.load_library(str(Path(tmp) / "baseline.so"))
     return torch.ops.multitoken_baseline
 
 
@@ -76,6 +81,9 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.baseline_source and not a.baseline_source.is_file():
+        raise SystemExit(f"error: --baseline-source {a.baseline_source} is not a file (e.g. git show "
+                         "HEAD~1:src/multitoken/csrc/packed_linear.cpp > old.cpp)")
     if not kernels.available():
         raise SystemExit("error: multitoken.kernels do not run on this host (x86-64 Linux with avx512_bf16 and a "
                          "C++ compiler needed)")

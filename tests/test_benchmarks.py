@@ -92,3 +92,25 @@ def test_bench_verify_refuses_an_empty_step(tiny_ckpt):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_verify.py"), "--ckpt-dir", str(tiny_ckpt), "--tokens", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--tokens must be at least 1 per row, got 0" in result.stderr
+
+
+def test_bench_kernels_times_the_kernels_beside_aten_and_a_baseline_build(tiny_ckpt):
+    from multitoken import kernels
+
+    if not kernels.available():
+        pytest.skip("multitoken.kernels do not run on this host")
+    # The current source as its own baseline: built under other operator names, the same outputs.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--ckpt-dir", str(tiny_ckpt),
+           "--rows", "1", "3", "--queries", "1", "2", "--rounds", "1", "--baseline-source", str(kernels.SOURCE)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["1"], ["3"], ["2"])]
+    assert len(rows) == 4 and all(float(r[1]) > 0 for r in rows), result.stdout
+    assert "outputs differ" not in result.stdout, result.stdout
+
+
+def test_bench_kernels_names_a_missing_baseline_source(tiny_ckpt, tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--ckpt-dir", str(tiny_ckpt),
+           "--baseline-source", str(tmp_path / "old.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "is not a file" in result.stderr, result.stderr
