@@ -61,8 +61,7 @@ def load_baseline(source: Path) -> object:
         try:
             kernels._build(Path(tmp) / "baseline.so", Path(tmp) / "baseline.cpp")
         except subprocess.CalledProcessError as e:
-            first_error = next((line for line in e.stderr.splitlines() if "error" in line), e.stderr.strip()[-500:])
-            raise SystemExit(f"error: {source} does not build: {first_error}") from None
+            raise SystemExit(f"error: {source} does not build: {kernels.build_error(e)}") from None
         torch.ops.load_library(str(Path(tmp) / "baseline.so"))
     return torch.ops.multitoken_baseline
 

@@ -98,11 +98,15 @@ def available() -> bool:
         torch.library.register_fake("multitoken::packed_linear")(_packed_linear_shape)
         torch.library.register_fake("multitoken::few_query_attention")(_attention_shape)
     except (OSError, subprocess.CalledProcessError) as e:
-        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-        first_error = next((line for line in lines if "error" in line), lines[-1] if lines else repr(e))
-        log.warning("multitoken: the bf16 CPU kernels did not build or load (%s); using ATen's", first_error)
+        log.warning("multitoken: the bf16 CPU kernels did not build or load (%s); using ATen's", build_error(e))
         return False
     return True
+
+
+def build_error(e: Exception) -> str:
+    """The line of a failed build's (or load's) output that says what went wrong."""
+    lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+    return next((line for line in lines if "error" in line), lines[-1] if lines else repr(e))
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -320,20 +320,19 @@ class DecodeSteps:
         if freeze and (not compile or mode is not None):
             raise ValueError("freeze=True is for steps compiled without a mode (compile=True, mode=None)")
         self.frozen = freeze
+        if compile_options and mode is not None:
+            raise ValueError("compile_options are for steps compiled without a mode (torch.compile takes one or the other)")
         options = {**FROZEN_OPTIONS, "guard_filter_fn": _frozen_guards} if freeze else {}
         if mode is None:
             options.update(UNCHECKED_OPTIONS)
-        if cpu_kernels and mode is None:
-            # Round to bf16 wherever eager rounds: fused kernels otherwise keep float32 in between, and
-            # how much they keep changes with the step's shape, so a verify step's tokens would round
-            # unlike a 1-token step's (the kernels' own products and attention do not depend on it).
-            options["emulate_precision_casts"] = True
-        if compile_options:
-            if mode is not None:
-                raise ValueError("compile_options are for steps compiled without a mode (torch.compile takes one or the other)")
-            options.update(compile_options)
-        # torch.compile takes a mode or inductor options, not both.
-        self._compile_kwargs = {"options": options} if options else {"mode": mode}
+            if cpu_kernels:
+                # Round to bf16 wherever eager rounds: fused kernels otherwise keep float32 in between, and
+                # how much they keep changes with the step's shape, so a verify step's tokens would round
+                # unlike a 1-token step's (the kernels' own products and attention do not depend on it).
+                options["emulate_precision_casts"] = True
+            options.update(compile_options or {})
+        # torch.compile takes a mode or inductor options, not both (without a mode, options is never empty).
+        self._compile_kwargs = {"options": options} if mode is None else {"mode": mode}
         self._compiled_fns: dict = {}
         if rowwise is None:
             # Frozen steps pack the weights for their own kernels, which read them faster than the reductions.
