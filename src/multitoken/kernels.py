@@ -75,9 +75,9 @@ def _packed_linear_shape(x: torch.Tensor, packed: torch.Tensor, out_features: in
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    batch, heads, n_q, dim = q.shape
-    return q.new_empty(batch, n_q, heads, dim).transpose(1, 2)
+def _attention_shape(q: torch.Tensor, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    # (..., batch, heads, n_q, dim) laid out (..., batch, n_q, heads, dim), as the kernel returns it.
+    return q.new_empty(*q.shape[:-3], q.shape[-2], q.shape[-3], q.shape[-1]).transpose(-3, -2)
 
 
 @functools.cache
@@ -95,8 +95,9 @@ def available() -> bool:
             log.info("building the packed bf16 kernel into %s", so_path)
             _build(so_path)
         torch.ops.load_library(str(so_path))
-        torch.library.register_fake("multitoken::packed_linear")(_packed_linear_shape)
-        torch.library.register_fake("multitoken::few_query_attention")(_attention_shape)
+        for op, shape in [("packed_linear", _packed_linear_shape), ("packed_linear_group", _packed_linear_shape),
+                          ("few_query_attention", _attention_shape), ("few_query_attention_group", _attention_shape)]:
+            torch.library.register_fake(f"multitoken::{op}")(shape)
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("multitoken: the bf16 CPU kernels did not build or load (%s); using ATen's", build_error(e))
         return False
@@ -185,12 +186,42 @@ def use_packed_matmuls(modules: Iterable[nn.Module], packed: bool = True) -> Non
                 module.repack()
 
 
+def linear_group(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """linears[g](x[g]) for each g, stacked: x is (G, ..., in_features), the layers of the same shape. One
+    call of the packed kernel where every layer is a PackedLinear it would run (the same outputs, bit for
+    bit, as each layer's own call); otherwise each layer in turn."""
+    if (all(isinstance(m, PackedLinear) and m.packed is not None for m in linears) and not torch.is_grad_enabled()
+            and x.dtype == torch.bfloat16 and x[0].shape[:-1].numel() <= PACKED_MAX_ROWS):
+        if not torch.compiler.is_compiling():  # eagerly the copies follow the weights, as PackedLinear's do
+            for m in linears:
+                if m._packed_from != _version(m.weight):
+                    m.repack()
+        return torch.ops.multitoken.packed_linear_group(x, [m.packed for m in linears], linears[0].weight.shape[0])
+    return torch.stack([m(x[g]) for g, m in enumerate(linears)])
+
+
+def attention_group(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], mask: torch.Tensor | None,
+                    sdpa=None) -> torch.Tensor:
+    """The attention of G layers at the same positions: q (G, batch, heads, n_q, head_dim), ks[g] and vs[g]
+    layer g's keys and values, one mask; `sdpa` (default `attention`) is how each layer attends alone.
+    One call of the kernel where `sdpa` is `attention` and the kernel would run it; else layer by layer."""
+    sdpa = sdpa or attention
+    if sdpa is attention and _attention_runs(q) and all(k.shape == ks[0].shape for k in ks):
+        return torch.ops.multitoken.few_query_attention_group(q, ks, vs, mask)
+    return torch.stack([sdpa(q[g], k, v, mask) for g, (k, v) in enumerate(zip(ks, vs))])
+
+
+def _attention_runs(q: torch.Tensor) -> bool:
+    """Whether `attention` runs queries q (..., heads, n_q, head_dim) in the kernel."""
+    dim = q.shape[-1]
+    return not (q.dtype != torch.bfloat16 or q.device.type != "cpu" or dim % 16 or dim > 256 or torch.is_grad_enabled()
+                or q.shape[-2] > ATTENTION_MAX_QUERIES)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`model.scaled_dot_product` for decode steps: in the kernel for bf16 CPU tensors of up to
     ATTENTION_MAX_QUERIES queries per row and a head_dim that is a multiple of 16 (at most 256), each
     query in float32 on its own; otherwise, and with gradients on, scaled_dot_product."""
-    dim = q.shape[-1]
-    if (q.dtype != torch.bfloat16 or q.device.type != "cpu" or dim % 16 or dim > 256 or torch.is_grad_enabled()
-            or q.shape[2] > ATTENTION_MAX_QUERIES):
+    if not _attention_runs(q):
         return scaled_dot_product(q, k, v, mask)
     return torch.ops.multitoken.few_query_attention(q, k, v, mask)

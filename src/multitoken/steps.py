@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken import kernels
+from multitoken import grouped_heads, kernels
 from multitoken.model import Attention, FeedForward, Positions, Transformer, scaled_dot_product, select_tokens
 
 # Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
@@ -463,6 +463,11 @@ class DecodeSteps:
 
 def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:
     """Logits (batch, k, vocab) of extra heads 1..k at token `index` of each row: the heads' keys and
-    values are cached for every token of h, their full forward runs at `index` alone."""
-    heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
+    values are cached for every token of h, their full forward runs at `index` alone; as one computation
+    where the CPU kernels run them (`grouped_heads`), else head by head."""
+    heads = list(model.extra_heads[:k])
+    if grouped_heads.usable(heads, h):
+        heads_out = grouped_heads.forward(heads, h, pos, index)
+    else:
+        heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
     return model.logits(heads_out)  # one pass over the unembedding for all k heads

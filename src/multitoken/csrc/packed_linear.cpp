@@ -73,33 +73,69 @@ using RowsFn = void (*)(const int32_t*, int64_t, const __m512i*, at::BFloat16*, 
 constexpr RowsFn kRowsFns[kMaxRows] = {product_rows<1>, product_rows<2>, product_rows<3>, product_rows<4>,
                                        product_rows<5>, product_rows<6>, product_rows<7>, product_rows<8>};
 
-// y (rows, n) = x (rows, k) @ W.T, with W packed by pack_weight: (tiles, k / 2, kTile, 2 * kBlock).
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "packed_linear: x must be a bfloat16 CPU tensor");
+void check_packed(const at::Tensor& packed, int64_t k, int64_t out_features) {
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == kTile &&
               packed.size(3) == 2 * kBlock && packed.is_contiguous(),
               "packed_linear: packed weights must come from multitoken.kernels.pack_weight");
-  const int64_t k = x.size(-1), pairs = packed.size(1), tiles = packed.size(0);
+  const int64_t pairs = packed.size(1), tiles = packed.size(0);
   TORCH_CHECK(k == 2 * pairs, "packed_linear: x has ", k, " features, the packed weights ", 2 * pairs);
   TORCH_CHECK(out_features > (tiles - 1) * kTile * kBlock && out_features <= tiles * kTile * kBlock,
               "packed_linear: ", out_features, " outputs do not match ", tiles, " packed tiles");
+}
+
+// y[g] (rows, n) = x[g] (rows, k) @ W[g].T for each of the G weights, packed by pack_weight (each
+// (tiles, k / 2, kTile, 2 * kBlock)): one loop over every product's tiles, which the threads split.
+// Each output is computed as by a product of its own.
+void products(const at::BFloat16* x, const std::vector<const __m512i*>& weights, int64_t tiles, int64_t pairs,
+              int64_t rows, at::BFloat16* y, int64_t n) {
+  const int64_t threads = at::get_num_threads(), total = (int64_t)weights.size() * tiles;
+  at::parallel_for(0, total, (total + threads - 1) / threads, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = i / tiles, t = i % tiles;
+      const auto* xg = reinterpret_cast<const int32_t*>(x + g * rows * 2 * pairs);
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+        const int64_t r = std::min<int64_t>(kMaxRows, rows - r0);
+        kRowsFns[r - 1](xg + r0 * pairs, pairs, weights[g], y + (g * rows + r0) * n, n, t, t + 1);
+      }
+    }
+  });
+}
+
+// y (rows, n) = x (rows, k) @ W.T, with W packed by pack_weight: (tiles, k / 2, kTile, 2 * kBlock).
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "packed_linear: x must be a bfloat16 CPU tensor");
+  const int64_t k = x.size(-1);
+  check_packed(packed, k, out_features);
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  const int64_t rows = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
   at::Tensor y = at::empty(out_shape, x.options());
+  if (x2.size(0) == 0) return y;
+  products(x2.const_data_ptr<at::BFloat16>(), {reinterpret_cast<const __m512i*>(packed.const_data_ptr<at::BFloat16>())},
+           packed.size(0), packed.size(1), x2.size(0), y.mutable_data_ptr<at::BFloat16>(), out_features);
+  return y;
+}
+
+// y[g] = x[g] @ W[g].T for a group of G products of the same shape (x: (G, ..., k), packed: G packed
+// weights), e.g. the extra heads' same projection: one call instead of G.
+at::Tensor packed_linear_group(const at::Tensor& x, at::TensorList packed, int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "packed_linear_group: x must be a bfloat16 CPU tensor");
+  TORCH_CHECK(x.dim() >= 2 && x.size(0) == (int64_t)packed.size() && !packed.empty(),
+              "packed_linear_group: x must be (G, ..., k) for G = ", packed.size(), " packed weights");
+  const int64_t k = x.size(-1);
+  std::vector<const __m512i*> weights;
+  for (const at::Tensor& w : packed) {
+    check_packed(w, k, out_features);  // so every weight has the same shape
+    weights.push_back(reinterpret_cast<const __m512i*>(w.const_data_ptr<at::BFloat16>()));
+  }
+  const at::Tensor x2 = x.contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor y = at::empty(out_shape, x.options());
+  const int64_t rows = x2.numel() / (x.size(0) * k);
   if (rows == 0) return y;
-  const auto* xp = reinterpret_cast<const int32_t*>(x2.const_data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const __m512i*>(packed.const_data_ptr<at::BFloat16>());
-  auto* yp = y.mutable_data_ptr<at::BFloat16>();
-  // Threads split the tiles; each reads its share of the weights once per kMaxRows rows.
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, tiles, (tiles + threads - 1) / threads, [&](int64_t t0, int64_t t1) {
-    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-      const int64_t r = std::min<int64_t>(kMaxRows, rows - r0);
-      kRowsFns[r - 1](xp + r0 * pairs, pairs, wp, yp + r0 * out_features, out_features, t0, t1);
-    }
-  });
+  products(x2.const_data_ptr<at::BFloat16>(), weights, packed[0].size(0), packed[0].size(1), rows,
+           y.mutable_data_ptr<at::BFloat16>(), out_features);
   return y;
 }
 
@@ -144,40 +180,49 @@ inline __m512 sum_lanes16(const __m512* v) {
   return _mm512_permutexvar_ps(order, z);
 }
 
-// Attention of a few queries per row over a cache span, in float32: q (batch, heads, n_q, head_dim),
-// k and v (batch, kv_heads, keys, head_dim), mask (batch, 1, n_q, keys) broadcastable, True where a query
-// sees a key; without a mask, query t sees keys 0 .. keys - n_q + t (the queries are the last tokens).
-// The queries that share a kv head read each block of 16 keys, and each value, once. Each query's
-// scores, softmax and weighted sum run in the same order whatever the other queries are: a token
-// attends exactly as it does in a 1-token step.
-at::Tensor few_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& mask_arg) {
+// One layer's operands of attention (a group call has several): data pointers and strides of its
+// queries q (batch, heads, n_q, head_dim), keys and values (batch, kv_heads, keys, head_dim) and output.
+struct AttentionOperands {
+  const at::BFloat16 *q, *k, *v;
+  at::BFloat16* out;
+  int64_t qs[3], ks[3], vs[3], os[3];
+};
+
+AttentionOperands attention_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "few_query_attention: 4-d q, k, v");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "few_query_attention: bf16 q, k, v");
+  const int64_t dim = q.size(3);
+  TORCH_CHECK(dim % 16 == 0 && dim <= 256 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 &&
+              q.size(1) % k.size(1) == 0 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == dim,
+              "few_query_attention: unsupported shapes");
+  AttentionOperands o{q.const_data_ptr<at::BFloat16>(), k.const_data_ptr<at::BFloat16>(), v.const_data_ptr<at::BFloat16>(),
+                      out.mutable_data_ptr<at::BFloat16>(), {}, {}, {}, {}};
+  for (int d = 0; d < 3; ++d) o.qs[d] = q.stride(d), o.ks[d] = k.stride(d), o.vs[d] = v.stride(d), o.os[d] = out.stride(d);
+  return o;
+}
+
+// Attention of a few queries per row over a cache span, in float32, for one or more layers' operands of
+// the same shapes: q (batch, heads, n_q, head_dim), k and v (batch, kv_heads, keys, head_dim), mask
+// (batch, 1, n_q, keys) broadcastable, True where a query sees a key; without a mask, query t sees keys
+// 0 .. keys - n_q + t (the queries are the last tokens). The queries that share a kv head read each
+// block of 16 keys, and each value, once. Each query's scores, softmax and weighted sum run in the same
+// order whatever the other queries (and layers) are: a token attends exactly as it does in a 1-token step.
+void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, const at::Tensor& k,
+            const std::optional<at::Tensor>& mask_arg) {
   const bool causal = !mask_arg.has_value();
   const at::Tensor mask = causal ? at::ones({1, 1, 1, 1}, q.options().dtype(at::kBool)) : *mask_arg;
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "few_query_attention: 4-d q, k, v, mask");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
-              mask.scalar_type() == at::kBool, "few_query_attention: bf16 q, k, v and a bool mask");
+  TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == at::kBool, "few_query_attention: a 4-d bool mask");
   const int64_t batch = q.size(0), heads = q.size(1), n_q = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), keys = k.size(2);
-  TORCH_CHECK(dim % 16 == 0 && dim <= 256 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 &&
-              heads % kv_heads == 0 && k.sizes() == v.sizes() && k.size(0) == batch && k.size(3) == dim,
-              "few_query_attention: unsupported shapes");
   const at::Tensor m = mask.expand({batch, 1, n_q, keys});
-  // Laid out (batch, n_q, heads, dim): the output projection reads it as (batch, n_q, heads * dim) without a copy.
-  at::Tensor out = at::empty({batch, n_q, heads, dim}, q.options()).transpose(1, 2);
   const int64_t group = heads / kv_heads, vecs = dim / 16, queries = group * n_q, blocks = (keys + 15) / 16;
   const float scale = 1.0f / std::sqrt((float)dim);
-  const auto* qp = q.const_data_ptr<at::BFloat16>();
-  const auto* kp = k.const_data_ptr<at::BFloat16>();
-  const auto* vp = v.const_data_ptr<at::BFloat16>();
   const bool* mp = m.const_data_ptr<bool>();
-  auto* op = out.mutable_data_ptr<at::BFloat16>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2), ks0 = k.stride(0), ks1 = k.stride(1),
-                ks2 = k.stride(2), vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), ms0 = m.stride(0),
-                ms2 = m.stride(2), ms3 = m.stride(3), os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  // A thread per (row, kv head) where there is enough of them: a short span's few queries run faster alone.
+  const int64_t ms0 = m.stride(0), ms2 = m.stride(2), ms3 = m.stride(3);
+  // A thread per (layer, row, kv head) where there is enough of them: a short span's few queries run faster alone.
   const int64_t work = queries * keys * dim, grain = std::max<int64_t>(1, (int64_t)(1 << 13) / std::max<int64_t>(1, work));
-  at::parallel_for(0, batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, (int64_t)sets.size() * batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
     // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
     // Each thread's buffers are kept between calls.
     thread_local std::vector<float> scores, qf, acc, kf, top, total;
@@ -185,7 +230,12 @@ at::Tensor few_query_attention(const at::Tensor& q, const at::Tensor& k, const a
     scores.resize(queries * blocks * 16), qf.resize(queries * dim), acc.resize(queries * dim), kf.resize(16 * dim);
     top.resize(queries), total.resize(queries), seen.resize(n_q * blocks);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / kv_heads, kh = i % kv_heads;
+      const AttentionOperands& o = sets[i / (batch * kv_heads)];
+      const int64_t b = i / kv_heads % batch, kh = i % kv_heads;
+      const at::BFloat16 *qp = o.q, *kp = o.k, *vp = o.v;
+      at::BFloat16* op = o.out;
+      const int64_t qs0 = o.qs[0], qs1 = o.qs[1], qs2 = o.qs[2], ks0 = o.ks[0], ks1 = o.ks[1], ks2 = o.ks[2],
+                    vs0 = o.vs[0], vs1 = o.vs[1], vs2 = o.vs[2], os0 = o.os[0], os1 = o.os[1], os2 = o.os[2];
       const at::BFloat16* kb = kp + b * ks0 + kh * ks1;
       const at::BFloat16* vb = vp + b * vs0 + kh * vs1;
       for (int64_t j = 0; j < queries; ++j) {
@@ -259,6 +309,37 @@ at::Tensor few_query_attention(const at::Tensor& q, const at::Tensor& k, const a
       }
     }
   });
+}
+
+// Laid out (..., batch, n_q, heads, dim): the output projection reads it as (..., batch, n_q, heads * dim)
+// without a copy.
+at::Tensor attention_output(const at::Tensor& q) {
+  const int64_t d = q.dim();
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
+  std::swap(shape[d - 3], shape[d - 2]);
+  return at::empty(shape, q.options()).transpose(d - 3, d - 2);
+}
+
+at::Tensor few_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask) {
+  at::Tensor out = attention_output(q);
+  attend({attention_operands(q, k, v, out)}, q, k, mask);
+  return out;
+}
+
+// The attention of G layers at once (q: (G, batch, heads, n_q, head_dim), k[g] and v[g] layer g's keys
+// and values, one mask for all), e.g. the extra heads at the same positions: one call instead of G.
+at::Tensor few_query_attention_group(const at::Tensor& q, at::TensorList k, at::TensorList v,
+                                     const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 5 && q.size(0) == (int64_t)k.size() && k.size() == v.size() && !k.empty(),
+              "few_query_attention_group: q must be (G, batch, heads, n_q, head_dim) for G = ", k.size(), " keys and values");
+  at::Tensor out = attention_output(q);
+  std::vector<AttentionOperands> sets;
+  for (size_t g = 0; g < k.size(); ++g) {
+    TORCH_CHECK(k[g].sizes() == k[0].sizes(), "few_query_attention_group: the layers' keys differ in shape");
+    sets.push_back(attention_operands(q[g], k[g], v[g], out[g]));
+  }
+  attend(sets, q[0], k[0], mask);
   return out;
 }
 
@@ -266,10 +347,14 @@ at::Tensor few_query_attention(const at::Tensor& q, const at::Tensor& k, const a
 
 TORCH_LIBRARY(multitoken, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("packed_linear_group(Tensor x, Tensor[] packed, int out_features) -> Tensor");
   m.def("few_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+  m.def("few_query_attention_group(Tensor q, Tensor[] k, Tensor[] v, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("packed_linear", packed_linear);
+  m.impl("packed_linear_group", packed_linear_group);
   m.impl("few_query_attention", few_query_attention);
+  m.impl("few_query_attention_group", few_query_attention_group);
 }

@@ -32,6 +32,7 @@ import torch
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import check_sampling_args, probs_from_logits
 from multitoken.speculative import SpeculativeStats, accept_drafts, check_draft_heads, residual
+from multitoken.steps import draft_logits
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +296,7 @@ class Engine:
         """The extra heads at token `index` of each row draft the next k tokens (and keep their distributions)."""
         if self.k == 0:
             return
-        out = torch.cat([self.model.forward_head(j, h, pos, index) for j in range(1, self.k + 1)], dim=1)
-        self.drafts[rows], q = self._pick(self.model.logits(out), u, rows)  # one unembedding for all k heads
+        self.drafts[rows], q = self._pick(draft_logits(self.model, h, pos, index, self.k), u, rows)
         if q is not None:
             self.q[rows] = q
 

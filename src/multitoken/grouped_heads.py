@@ -1,0 +1,99 @@
+"""The extra heads of a self-speculative step as one computation instead of one block after another.
+
+Every extra head reads the same trunk output at the same positions, so each stage of their blocks (a
+norm, a projection, the attention, the feed-forward) can run for all heads at once: one call of the
+packed kernel over the heads' weights (`kernels.linear_group`) and one of the attention kernel over their
+caches (`kernels.attention_group`) where the per-head code makes one per head. On the shipped model a
+head's block is ~7 operator calls of a few microseconds' work each, so calls, not arithmetic, are most
+of what the heads cost in a decode step.
+
+Only where the bf16 CPU kernels run the heads' products and attention (`DecodeSteps(cpu_kernels=True)`):
+their outputs do not depend on what else a call computes, so grouped heads give the per-head path's
+drafts bit for bit (`tests/test_grouped_heads.py`). Elsewhere `usable` is False and the heads run one by
+one (`Transformer.forward_head`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from multitoken import kernels
+from multitoken.model import Positions, RMSNorm, TransformerBlock, apply_rope, select_tokens
+
+
+# Fused projections (`steps.fuse_projections`) are attributes, not submodules: read them where present.
+def _fused(module: torch.nn.Module, name: str) -> bool:
+    return getattr(module, name, None) is not None
+
+
+def _projections(block: TransformerBlock) -> list[torch.nn.Linear]:
+    attention, ffn = block.attention, block.feed_forward
+    return ([attention.wqkv] if _fused(attention, "wqkv") else [attention.wq, attention.wk, attention.wv]) + \
+        ([ffn.w13] if _fused(ffn, "w13") else [ffn.w1, ffn.w3]) + [attention.wo, ffn.w2]
+
+
+def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
+    """Whether `heads` can run grouped on trunk output h: bf16, no gradients, every product a packed
+    kernel's and every attention the kernel's, all heads alike (the same fusions, norms and caches)."""
+    if not heads or h.dtype != torch.bfloat16 or torch.is_grad_enabled() or h.shape[:-1].numel() > kernels.PACKED_MAX_ROWS:
+        return False
+    first = heads[0]
+    for block in heads:
+        if (block.attention.sdpa is not kernels.attention or block.attention.cache is None
+                or _fused(block.attention, "wqkv") != _fused(first.attention, "wqkv")
+                or _fused(block.feed_forward, "w13") != _fused(first.feed_forward, "w13")
+                or block.attention_norm.eps != first.attention_norm.eps or block.ffn_norm.eps != first.ffn_norm.eps):
+            return False
+        if not all(isinstance(m, kernels.PackedLinear) and m.packed is not None for m in _projections(block)):
+            return False
+    return True
+
+
+def _norm(x: torch.Tensor, norms: list[RMSNorm], shared: bool) -> torch.Tensor:
+    """norms[g] on x (batch, seq, dim) if `shared`, else on x[g] of x (G, batch, seq, dim): (G, batch, seq,
+    dim), computed as RMSNorm computes it."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norms[0].eps)
+    weight = torch.stack([n.weight for n in norms])  # (G, dim)
+    return xf.type_as(x) * weight.view(len(norms), *[1] * (x.dim() - 1 - (not shared)), -1)
+
+
+def _select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Token index[b] of each row b of each x[g] (G, batch, seq, ...), as (G, batch, 1, ...)."""
+    return x[:, torch.arange(x.shape[1], device=x.device), index].unsqueeze(2)
+
+
+def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor) -> torch.Tensor:
+    """The outputs (batch, G, dim) of heads[g] at token index[b] of each row of h (batch, seq, dim), before
+    the shared norm and unembedding; every head's keys and values are cached for every token of h.
+    The same as `torch.cat([head(h, pos, index) for head in heads], 1)` (`usable(heads, h)` first)."""
+    n, a = len(heads), heads[0].attention
+    bsz, seqlen, _ = h.shape
+    x = _norm(h, [b.attention_norm for b in heads], shared=True)  # (G, batch, seq, dim)
+    if _fused(a, "wqkv"):
+        # Queries of every token, then the selected one's, as FusedAttention computes them.
+        q, xk, xv = kernels.linear_group(x, [b.attention.wqkv for b in heads]).split(
+            [a.wq.out_features, a.wk.out_features, a.wv.out_features], -1)
+        q = _select(q, index)
+    else:
+        xk = kernels.linear_group(x, [b.attention.wk for b in heads])
+        xv = kernels.linear_group(x, [b.attention.wv for b in heads])
+        q = kernels.linear_group(_select(x, index), [b.attention.wq for b in heads])
+    # Keys rotated for every head at once (the rotary rows broadcast), then cached in each head's own buffers.
+    k = apply_rope(xk.view(n, bsz, seqlen, a.n_kv_heads, a.head_dim), pos.rope).transpose(2, 3)
+    v = xv.view(n, bsz, seqlen, a.n_kv_heads, a.head_dim).transpose(2, 3)
+    cached = [b.attention.cache.update(pos, k[g], v[g]) for g, b in enumerate(heads)]
+    at = pos.select(index)
+    q = apply_rope(q.view(n, bsz, 1, a.n_heads, a.head_dim), at.rope).transpose(2, 3)
+    out = kernels.attention_group(q, [k for k, _ in cached], [v for _, v in cached], at.mask)
+    hh = select_tokens(h, index) + kernels.linear_group(out.transpose(2, 3).reshape(n, bsz, 1, -1),
+                                                     [b.attention.wo for b in heads])  # (G, batch, 1, dim)
+    x = _norm(hh, [b.ffn_norm for b in heads], shared=False)
+    if _fused(heads[0].feed_forward, "w13"):
+        gate, up = kernels.linear_group(x, [b.feed_forward.w13 for b in heads]).chunk(2, dim=-1)
+    else:
+        gate = kernels.linear_group(x, [b.feed_forward.w1 for b in heads])
+        up = kernels.linear_group(x, [b.feed_forward.w3 for b in heads])
+    out = hh + kernels.linear_group(F.silu(gate) * up, [b.feed_forward.w2 for b in heads])
+    return out[:, :, 0].transpose(0, 1)
