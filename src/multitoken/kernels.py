@@ -3,8 +3,8 @@
 
 A decode step multiplies 1 to a few dozen rows (a token, or the last token and its drafts, per batch
 row) by every weight matrix. ATen's bf16 products pay ~30 us a call here whatever their size and grow
-with every row; the kernel reads weights packed for AVX-512 BF16's pairwise multiply-add once per 8
-rows. On the 2-core AVX-512 BF16 host, a (1536 x 256) product of 1 row took 10 us (ATen 58), of 4
+with every row; the kernel reads weights packed for AVX-512 BF16's pairwise multiply-add from memory
+once, whatever the rows (a tile at a time, from cache for its later rows). On the 2-core AVX-512 BF16 host, a (1536 x 256) product of 1 row took 10 us (ATen 58), of 4
 rows 14 (ATen 68). Each output, and each query's attention, is the same float32 sum in the same order
 whatever the other rows are, so a token's result does not depend on the tokens beside it.
 

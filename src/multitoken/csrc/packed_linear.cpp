@@ -20,16 +20,17 @@ namespace {
 
 constexpr int64_t kBlock = 16;  // outputs per 512-bit vector of float32 sums
 constexpr int64_t kTile = 8;    // blocks per tile, the packing's unit: a tile's weights are one stream in memory
-constexpr int kMaxRows = 8;     // rows per pass over the weights
-// With more than one row, pairs this far ahead are prefetched: a pass reads NB of a tile's 8 vectors
-// per pair, a stride the hardware prefetchers follow too late (rows 2-17 of the shipped model's
-// products took 15-25% longer without it; a single row reads whole tiles and needs none).
+constexpr int kMaxRows = 8;     // rows per group: each group of rows takes a tile in turn
+// With more than one row, pairs this far ahead are prefetched: a tile is read more than once, and a
+// pass of 7-8 rows reads 2 of a tile's 8 vectors per pair, a stride the hardware prefetchers follow
+// too late (rows 2-17 of the shipped model's products took 15-25% longer without it).
 constexpr int64_t kPrefetchPairs = 32;
 
 // Rows x[0 .. R) times NB blocks of 16 packed outputs of one tile (w: its first block's first vector),
 // written to y[:, n0 ...) up to `width` outputs (past it: the packing's zero padding). R * NB sums in
 // registers, independent of each other, so that the multiply-adds' latency is hidden even for a single
-// row; each output's sum runs over the input pairs in order, whatever R and NB are.
+// row; each output's sum runs over the input pairs in order, whatever R and NB are. With more sums than
+// registers hold beside NB weight vectors (3 rows of 8 blocks), each weight vector is loaded in turn.
 template <int R, int NB>
 void product_tile(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat16* y, int64_t y_stride, int64_t n0,
                   int64_t width) {
@@ -39,11 +40,20 @@ void product_tile(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat1
   for (int64_t p = 0; p < pairs; ++p) {
     if constexpr (R > 1)  // past the end of the weights: harmless, prefetches never fault
       for (int b = 0; b < NB; ++b) _mm_prefetch((const char*)(w + (p + kPrefetchPairs) * kTile + b), _MM_HINT_T0);
-    __m512bh wb[NB];
-    for (int b = 0; b < NB; ++b) wb[b] = (__m512bh)_mm512_loadu_si512(w + p * kTile + b);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * pairs + p]);
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, wb[b]);
+    if constexpr (R * NB + NB + 1 <= 30) {
+      __m512bh wb[NB];
+      for (int b = 0; b < NB; ++b) wb[b] = (__m512bh)_mm512_loadu_si512(w + p * kTile + b);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * pairs + p]);
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr, wb[b]);
+      }
+    } else {
+      __m512bh xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = (__m512bh)_mm512_set1_epi32(x[r * pairs + p]);
+      for (int b = 0; b < NB; ++b) {
+        const __m512bh wb = (__m512bh)_mm512_loadu_si512(w + p * kTile + b);
+        for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xr[r], wb);
+      }
     }
   }
   for (int b = 0; b < NB; ++b) {
@@ -54,19 +64,31 @@ void product_tile(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat1
   }
 }
 
-// Fewer rows, more blocks at a time: at least 8 independent sums, at most 24 in registers (with the
-// block's weights and a row's input, 29 of the 32 vector registers). A tile's weights stay in cache
-// between its passes.
+// Rows x[0 .. R) times one tile. Up to 6 rows, passes of up to 3 rows over all 8 blocks (at most 24 sums
+// in registers): each pass reads the tile's weights in order, the first from memory, the others from
+// the second-level cache. Passes of half the rows over half the blocks read each pair's 512 bytes 256
+// at a time, and 3-6 rows took 15-25% longer that way; 7-8 rows keep passes of 2 blocks (16 sums),
+// whose fewer loads per multiply-add win there.
+template <int R>
+void tile_rows(const int32_t* x, int64_t pairs, const __m512i* w, at::BFloat16* y, int64_t n, int64_t n0) {
+  if constexpr (R >= 7) {
+    for (int64_t j = 0; j < kTile; j += 2) {
+      const int64_t o = n0 + j * kBlock;
+      if (o >= n) break;
+      product_tile<R, 2>(x, pairs, w + j, y, n, o, n - o);
+    }
+  } else {
+    constexpr int first = R == 4 ? 2 : (R < 3 ? R : 3);
+    product_tile<first, kTile>(x, pairs, w, y, n, n0, n - n0);
+    if constexpr (R > first) tile_rows<R - first>(x + first * pairs, pairs, w, y + first * n, n, n0);
+  }
+}
+
 template <int R>
 void product_rows(const int32_t* x, int64_t pairs, const __m512i* packed, at::BFloat16* y, int64_t n,
                   int64_t tile_begin, int64_t tile_end) {
-  constexpr int NB = R <= 2 ? 8 : R <= 6 ? 4 : 2;
   for (int64_t t = tile_begin; t < tile_end; ++t)
-    for (int64_t j = 0; j < kTile; j += NB) {
-      const int64_t n0 = (t * kTile + j) * kBlock;
-      if (n0 >= n) break;
-      product_tile<R, NB>(x, pairs, packed + t * pairs * kTile + j, y, n, n0, n - n0);
-    }
+    tile_rows<R>(x, pairs, packed + t * pairs * kTile, y, n, t * kTile * kBlock);
 }
 
 using RowsFn = void (*)(const int32_t*, int64_t, const __m512i*, at::BFloat16*, int64_t, int64_t, int64_t);
