@@ -14,6 +14,7 @@ from multitoken.steps import (
     FusedFeedForward,
     RowwiseLinear,
     fuse_projections,
+    leading_true,
     single_query_attention,
     use_rowwise_matmuls,
 )
@@ -313,3 +314,11 @@ def test_single_query_attention_is_scaled_dot_product(dtype, monkeypatch):
     q3 = torch.randn(2, 8, 3, 16, dtype=dtype)
     mask3 = mask.expand(2, 1, 3, 40)
     torch.testing.assert_close(single_query_attention(q3, k, v, mask3), scaled_dot_product(q3, k, v, mask3))
+
+
+def test_leading_true_counts_the_drafts_before_the_first_rejection():
+    g = torch.Generator().manual_seed(0)
+    ok = torch.rand(200, 4, generator=g) < 0.7
+    assert torch.equal(leading_true(ok), ok.long().cumprod(1).sum(1))
+    assert leading_true(torch.tensor([[True, True, True], [False, True, True], [True, False, True]])).tolist() == [3, 0, 1]
+    assert leading_true(torch.zeros(2, 0, dtype=torch.bool)).tolist() == [0, 0]  # no drafts verified

@@ -23,7 +23,7 @@ import torch
 
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import draw, probs_from_logits
-from multitoken.steps import DecodeSteps, StepTimes, draft_logits
+from multitoken.steps import DecodeSteps, StepTimes, draft_logits, leading_true
 
 
 @dataclass
@@ -390,14 +390,14 @@ def generate(
             h, logits0 = step.step(inp, start, span=span)  # logits0: (batch, j + 1, vocab)
             if greedy:
                 step_tokens = logits0.argmax(-1)  # accepted drafts equal the head's tokens
-                n_acc = (step_tokens[:, :j] == drafts[:, :j]).long().cumprod(1).sum(1)
+                n_acc = leading_true(step_tokens[:, :j] == drafts[:, :j])
                 nxt = step_tokens[rows, n_acc]
             else:
                 p = probs_from_logits(logits0, temperature, top_p)
                 d = drafts[:, :j, None]
                 ok = accept_drafts(p[:, :j].gather(-1, d)[..., 0], q[:, :j].gather(-1, d)[..., 0],
                                    torch.rand(bsz, j, device=device))
-                n_acc = ok.long().cumprod(1).sum(1)
+                n_acc = leading_true(ok)
                 # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
                 q_pad = torch.cat([q[:, :j], torch.zeros_like(p[:, :1])], dim=1)
                 dist = torch.where((n_acc < j)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]),

@@ -457,8 +457,17 @@ class DecodeSteps:
         extra heads at the last accepted position."""
         h, logits = self._step(tokens, start, span=span)
         target = logits.argmax(-1)
-        n_acc = (target[:, :-1] == tokens[:, 1:]).long().cumprod(1).sum(1)
+        n_acc = leading_true(target[:, :-1] == tokens[:, 1:])
         return target, n_acc, self._draft(h, start, n_acc, k, span=span).argmax(-1)
+
+
+def leading_true(ok: torch.Tensor) -> torch.Tensor:
+    """The number of leading True values in each row of ok (batch, j): how many drafts a row accepts
+    before its first rejection. An argmax, which compiled steps fuse with the comparison before it (a
+    cumulative product is an operator call of its own: 40-50 us in the shipped model's compiled step)."""
+    if ok.shape[-1] == 0:
+        return ok.new_zeros(ok.shape[:-1], dtype=torch.long)
+    return torch.where(ok.all(-1), ok.shape[-1], (~ok).int().argmax(-1))
 
 
 def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -224,8 +225,9 @@ AttentionOperands attention_operands(const at::Tensor& q, const at::Tensor& k, c
   return o;
 }
 
-// Attention of a few queries per row over a cache span, in float32, for one or more layers' operands of
-// the same shapes: q (batch, heads, n_q, head_dim), k and v (batch, kv_heads, keys, head_dim), mask
+// Attention of a few queries per row over a cache span for one or more layers' operands of the same
+// shapes (scores from the bf16 queries and keys as they are, products summed in float32 by vdpbf16ps;
+// softmax and the weighted sum of the values in float32): q (batch, heads, n_q, head_dim), k and v (batch, kv_heads, keys, head_dim), mask
 // (batch, 1, n_q, keys) broadcastable, True where a query sees a key; without a mask, query t sees keys
 // 0 .. keys - n_q + t (the queries are the last tokens). The queries that share a kv head read each
 // block of 16 keys, and each value, once. Each query's scores, softmax and weighted sum run in the same
@@ -239,6 +241,9 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
   const int64_t kv_heads = k.size(1), keys = k.size(2);
   const at::Tensor m = mask.expand({batch, 1, n_q, keys});
   const int64_t group = heads / kv_heads, vecs = dim / 16, queries = group * n_q, blocks = (keys + 15) / 16;
+  const int64_t chunks = (dim + 31) / 32;  // vectors of 32 bf16 per query or key
+  __mmask32 lanes[8];
+  for (int64_t c = 0; c < chunks; ++c) lanes[c] = (__mmask32)(dim - 32 * c >= 32 ? ~0u : (1u << (dim - 32 * c)) - 1);
   const float scale = 1.0f / std::sqrt((float)dim);
   const bool* mp = m.const_data_ptr<bool>();
   const int64_t ms0 = m.stride(0), ms2 = m.stride(2), ms3 = m.stride(3);
@@ -247,10 +252,15 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
   at::parallel_for(0, (int64_t)sets.size() * batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
     // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
     // Each thread's buffers are kept between calls.
-    thread_local std::vector<float> scores, qf, acc, kf, top, total;
-    thread_local std::vector<__mmask16> seen;
-    scores.resize(queries * blocks * 16), qf.resize(queries * dim), acc.resize(queries * dim), kf.resize(16 * dim);
-    top.resize(queries), total.resize(queries), seen.resize(n_q * blocks);
+    thread_local std::vector<float> scores_buf, acc_buf, top_buf, total_buf;
+    thread_local std::vector<__m512i> qb_buf;
+    thread_local std::vector<__mmask16> seen_buf;
+    scores_buf.resize(queries * blocks * 16), acc_buf.resize(queries * dim), qb_buf.resize(queries * chunks);
+    top_buf.resize(queries), total_buf.resize(queries), seen_buf.resize(n_q * blocks);
+    // Plain pointers: each use of a thread_local in a shared library can cost a call to find it.
+    float *scores = scores_buf.data(), *acc = acc_buf.data(), *top = top_buf.data(), *total = total_buf.data();
+    __m512i* qb = qb_buf.data();  // each query's bf16 values, 32 a vector (zeros past head_dim)
+    __mmask16* seen = seen_buf.data();
     for (int64_t i = i0; i < i1; ++i) {
       const AttentionOperands& o = sets[i / (batch * kv_heads)];
       const int64_t b = i / kv_heads % batch, kh = i % kv_heads;
@@ -262,34 +272,42 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
       const at::BFloat16* vb = vp + b * vs0 + kh * vs1;
       for (int64_t j = 0; j < queries; ++j) {
         const at::BFloat16* qj = qp + b * qs0 + (kh * group + j / n_q) * qs1 + (j % n_q) * qs2;
-        for (int64_t c = 0; c < vecs; ++c)
-          _mm512_storeu_ps(&qf[j * dim + 16 * c], _mm512_mul_ps(load_bf16(qj + 16 * c), _mm512_set1_ps(scale)));
+        for (int64_t c = 0; c < chunks; ++c) qb[j * chunks + c] = _mm512_maskz_loadu_epi16(lanes[c], qj + 32 * c);
         top[j] = -INFINITY;
       }
-      // Which keys each token's queries see, 16 keys a bit mask.
+      // Which keys each token's queries see, 16 keys a bit mask: the keys up to its position, and of
+      // those the ones its mask row allows (16 bools a load where the row is contiguous).
       for (int64_t t = 0; t < n_q; ++t) {
         const int64_t last = causal ? keys - n_q + t : keys - 1;
         const bool* mt = mp + b * ms0 + t * ms2;
         for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
-          uint32_t bits = 0;
-          for (int64_t r = 0, s = kb0 * 16; r < 16 && s < keys; ++r, ++s) bits |= (uint32_t)(s <= last && (causal || mt[s * ms3])) << r;
+          const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
+          uint32_t bits = (1u << std::clamp<int64_t>(last - s0 + 1, 0, n)) - 1;
+          if (!causal && ms3 == 1) {
+            const __m128i row = _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), mt + s0);
+            bits &= _mm_test_epi8_mask(row, row);
+          } else if (!causal) {
+            for (int64_t r = 0; r < n; ++r) bits &= ~((uint32_t)!mt[(s0 + r) * ms3] << r);
+          }
           seen[t * blocks + kb0] = (__mmask16)bits;
         }
       }
       for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
         const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
-        for (int64_t r = 0; r < 16; ++r)  // the block's keys in float32 (zeros past the last key)
-          for (int64_t c = 0; c < vecs; ++c)
-            _mm512_storeu_ps(&kf[r * dim + 16 * c], r < n ? load_bf16(kb + (s0 + r) * ks2 + 16 * c) : _mm512_setzero_ps());
         for (int64_t j = 0; j < queries; ++j) {
-          __m512 qv[16], dots[16];
-          for (int64_t c = 0; c < vecs; ++c) qv[c] = _mm512_loadu_ps(&qf[j * dim + 16 * c]);
+          // Each key's products with the query, pairs of dimensions summed (vdpbf16ps on the bf16 values
+          // as they are), then the 16 keys' 16 lanes summed at once; no key past the last is read.
+          __m512 dots[16];
+          const __m512bh* qj = (const __m512bh*)&qb[j * chunks];
           for (int r = 0; r < 16; ++r) {
-            __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(&kf[r * dim]));
-            for (int64_t c = 1; c < vecs; ++c) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(&kf[r * dim + 16 * c]), d);
+            __m512 d = _mm512_setzero_ps();
+            if (r < n)
+              for (int64_t c = 0; c < chunks; ++c)
+                d = _mm512_dpbf16_ps(d, qj[c], (__m512bh)_mm512_maskz_loadu_epi16(lanes[c], kb + (s0 + r) * ks2 + 32 * c));
             dots[r] = d;
           }
-          const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[(j % n_q) * blocks + kb0], sum_lanes16(dots));
+          const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[(j % n_q) * blocks + kb0],
+                                               _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(scale)));
           _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
           top[j] = std::max(top[j], _mm512_reduce_max_ps(sc));
         }

@@ -32,7 +32,7 @@ import torch
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import check_sampling_args, probs_from_logits
 from multitoken.speculative import SpeculativeStats, accept_drafts, check_draft_heads, residual
-from multitoken.steps import draft_logits
+from multitoken.steps import draft_logits, leading_true
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +267,14 @@ class Engine:
         ok = target[:, :k] == drafts
         u = self._uniforms(self.running)
         if bool(greedy.all()):
-            n_acc = ok.long().cumprod(1).sum(1)
+            n_acc = leading_true(ok)
             nxt = target[idx, n_acc]
         else:
             p = probs_from_logits(logits, self.temperature[rows], self.top_p[rows])
             q, d = self.q[rows], drafts[..., None]
             ok = torch.where(greedy[:, None], ok, accept_drafts(p[:, :k].gather(-1, d)[..., 0],
                                                                 q.gather(-1, d)[..., 0], u[:, :k]))
-            n_acc = ok.long().cumprod(1).sum(1)
+            n_acc = leading_true(ok)
             # A rejection at j resamples from the residual there; all accepted: the residual against
             # q = 0 is p itself, a bonus token.
             q = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)
