@@ -114,3 +114,19 @@ def test_bench_kernels_names_a_missing_baseline_source(tiny_ckpt, tmp_path):
            "--baseline-source", str(tmp_path / "old.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "is not a file" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_bench_step_breakdown_times_every_statement_of_the_compiled_step(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_step_breakdown.py"), "--ckpt-dir", str(tiny_ckpt),
+           "--dtype", "float32", "--step", "verify", "--calls", "5", "--top", "3", "--position", "16"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    statements, total = out[1].split(" statements, ")
+    assert int(statements) > 20, result.stdout
+    kinds = {line.split("  ")[1].strip(): float(line.split()[-3]) for line in out[2:] if line.endswith("%")}
+    # Every statement is counted in one kind; a float32 step's products are ATen's (no packed kernel).
+    assert "packed products" not in kinds and "ATen fallbacks" in kinds and "other Python" in kinds, result.stdout
+    assert abs(sum(kinds.values()) - float(total.split()[0])) < 0.01, result.stdout
+    assert len([line for line in out if line.startswith("  ") and not line.endswith("%")]) == 3, result.stdout
