@@ -14,6 +14,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cmath>
 #include <vector>
 
@@ -163,13 +165,13 @@ at::Tensor packed_linear_group(const at::Tensor& x, at::TensorList packed, int64
 }
 
 // 16 bf16 values widened to float32 (a bf16 is the top half of a float32).
-inline __m512 load_bf16(const at::BFloat16* p) {
+__attribute__((always_inline)) inline __m512 load_bf16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 // exp of 16 floats: 2^n * exp(r), r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2], exp(r) by its Taylor series to
 // r^7 (relative error below 1e-8 there); exp(-inf) = 0, as masked keys need.
-inline __m512 exp_ps(__m512 x) {
+__attribute__((always_inline)) inline __m512 exp_ps(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: r exact
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -189,7 +191,7 @@ inline __m512 exp_ps(__m512 x) {
 // The 16 lanes of each of v[0 .. 16) summed: lane i of the result is the sum of v[i]. A tree of lane
 // shuffles and adds, three instructions per sum (a separate horizontal sum of each takes eight); each sum
 // is over its own vector's lanes in a fixed order, whatever the other vectors hold.
-inline __m512 sum_lanes16(const __m512* v) {
+__attribute__((always_inline)) inline __m512 sum_lanes16(const __m512* v) {
   __m512 w[8], x[4], y[2];
   for (int i = 0; i < 8; ++i)  // 256-bit halves: [v[2i] (8 lanes), v[2i+1] (8 lanes)]
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
@@ -201,6 +203,89 @@ inline __m512 sum_lanes16(const __m512* v) {
   // Lane 4j + c of z holds the sum of v[j], v[8 + j], v[4 + j], v[12 + j] for c = 0, 1, 2, 3.
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(order, z);
+}
+
+// A query's dot products with n <= 16 keys (k: the first; rows k_stride apart), CHUNKS vectors of 32 bf16
+// each (lanes[c]: the valid ones of vector c): each key's products of pairs of dimensions summed by
+// vdpbf16ps on the bf16 values as they are, then the 16 keys' 16 lanes summed at once. No key past the
+// n-th is read. The number of vectors is known when compiled, so the loops unroll.
+template <int CHUNKS>
+__m512 key_block(const __m512bh* q, const at::BFloat16* k, int64_t k_stride, int64_t n, const __mmask32* lanes) {
+  __m512 dots[16];
+  for (int r = 0; r < 16; ++r) {
+    __m512 d = _mm512_setzero_ps();
+    if (r < n)
+      for (int c = 0; c < CHUNKS; ++c)
+        d = _mm512_dpbf16_ps(d, q[c], (__m512bh)_mm512_maskz_loadu_epi16(lanes[c], k + r * k_stride + 32 * c));
+    dots[r] = d;
+  }
+  return sum_lanes16(dots);
+}
+
+using KeyBlockFn = __m512 (*)(const __m512bh*, const at::BFloat16*, int64_t, int64_t, const __mmask32*);
+
+KeyBlockFn key_block_fn(int64_t chunks) {  // head_dim <= 256: at most 8 vectors
+  static constexpr KeyBlockFn fns[8] = {key_block<1>, key_block<2>, key_block<3>, key_block<4>,
+                                        key_block<5>, key_block<6>, key_block<7>, key_block<8>};
+  return fns[chunks - 1];
+}
+
+// The weighted sums of the values of NJ queries (VECS vectors of 16 of head_dim each): a pass over the keys
+// with every sum in a register (sizes known when compiled; with sizes known only at run time the sums
+// lived on the stack, each multiply-add waiting for the store of the one before). Query x's weights are
+// w[x * w_stride ...]; its sums go to out[x * VECS * 16 ...]. Unseen keys weigh 0 and add nothing (the
+// cache never holds infinities or NaNs). The generic version, for other sizes, computes the same sums.
+template <int VECS, int NJ>
+void weighted_values(const at::BFloat16* v, int64_t v_stride, int64_t keys, const float* w, int64_t w_stride,
+                     int64_t, int64_t, float* out) {
+  __m512 sums[NJ * VECS];
+  for (int x = 0; x < NJ * VECS; ++x) sums[x] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < keys; ++s) {
+    __m512 vv[VECS];
+    for (int c = 0; c < VECS; ++c) vv[c] = load_bf16(v + s * v_stride + 16 * c);
+    for (int x = 0; x < NJ; ++x) {
+      const __m512 pv = _mm512_set1_ps(w[x * w_stride + s]);
+      for (int c = 0; c < VECS; ++c) sums[x * VECS + c] = _mm512_fmadd_ps(pv, vv[c], sums[x * VECS + c]);
+    }
+  }
+  for (int x = 0; x < NJ * VECS; ++x) _mm512_storeu_ps(out + 16 * x, sums[x]);
+}
+
+void weighted_values_any(const at::BFloat16* v, int64_t v_stride, int64_t keys, const float* w, int64_t w_stride,
+                         int64_t vecs, int64_t nj, float* out) {
+  __m512 sums[16];
+  for (int64_t x = 0; x < nj * vecs; ++x) sums[x] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < keys; ++s) {
+    __m512 vv[16];
+    for (int64_t c = 0; c < vecs; ++c) vv[c] = load_bf16(v + s * v_stride + 16 * c);
+    for (int64_t x = 0; x < nj; ++x) {
+      const __m512 pv = _mm512_set1_ps(w[x * w_stride + s]);
+      for (int64_t c = 0; c < vecs; ++c) sums[x * vecs + c] = _mm512_fmadd_ps(pv, vv[c], sums[x * vecs + c]);
+    }
+  }
+  for (int64_t x = 0; x < nj * vecs; ++x) _mm512_storeu_ps(out + 16 * x, sums[x]);
+}
+
+using ValuesFn = void (*)(const at::BFloat16*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+
+template <int VECS, size_t... I>
+constexpr std::array<ValuesFn, sizeof...(I)> values_fns(std::index_sequence<I...>) {
+  return {weighted_values<VECS, (int)I + 1>...};
+}
+
+// Head dims of 16, 32, 64 and 128 (1, 2, 4, 8 vectors), 1 .. 16 / vecs queries a pass.
+ValuesFn weighted_values_fn(int64_t vecs, int64_t nj) {
+  static constexpr auto v1 = values_fns<1>(std::make_index_sequence<16>{});
+  static constexpr auto v2 = values_fns<2>(std::make_index_sequence<8>{});
+  static constexpr auto v4 = values_fns<4>(std::make_index_sequence<4>{});
+  static constexpr auto v8 = values_fns<8>(std::make_index_sequence<2>{});
+  switch (vecs) {
+    case 1: return v1[nj - 1];
+    case 2: return v2[nj - 1];
+    case 4: return v4[nj - 1];
+    case 8: return v8[nj - 1];
+    default: return weighted_values_any;
+  }
 }
 
 // One layer's operands of attention (a group call has several): data pointers and strides of its
@@ -252,13 +337,13 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
   at::parallel_for(0, (int64_t)sets.size() * batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
     // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
     // Each thread's buffers are kept between calls.
-    thread_local std::vector<float> scores_buf, acc_buf, top_buf, total_buf;
+    thread_local std::vector<float> scores_buf, acc_buf, total_buf;
     thread_local std::vector<__m512i> qb_buf;
     thread_local std::vector<__mmask16> seen_buf;
     scores_buf.resize(queries * blocks * 16), acc_buf.resize(queries * dim), qb_buf.resize(queries * chunks);
-    top_buf.resize(queries), total_buf.resize(queries), seen_buf.resize(n_q * blocks);
+    total_buf.resize(queries), seen_buf.resize(n_q * blocks);
     // Plain pointers: each use of a thread_local in a shared library can cost a call to find it.
-    float *scores = scores_buf.data(), *acc = acc_buf.data(), *top = top_buf.data(), *total = total_buf.data();
+    float *scores = scores_buf.data(), *acc = acc_buf.data(), *total = total_buf.data();
     __m512i* qb = qb_buf.data();  // each query's bf16 values, 32 a vector (zeros past head_dim)
     __mmask16* seen = seen_buf.data();
     for (int64_t i = i0; i < i1; ++i) {
@@ -273,7 +358,6 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
       for (int64_t j = 0; j < queries; ++j) {
         const at::BFloat16* qj = qp + b * qs0 + (kh * group + j / n_q) * qs1 + (j % n_q) * qs2;
         for (int64_t c = 0; c < chunks; ++c) qb[j * chunks + c] = _mm512_maskz_loadu_epi16(lanes[c], qj + 32 * c);
-        top[j] = -INFINITY;
       }
       // Which keys each token's queries see, 16 keys a bit mask: the keys up to its position, and of
       // those the ones its mask row allows (16 bools a load where the row is contiguous).
@@ -295,27 +379,19 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
       for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
         const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
         for (int64_t j = 0; j < queries; ++j) {
-          // Each key's products with the query, pairs of dimensions summed (vdpbf16ps on the bf16 values
-          // as they are), then the 16 keys' 16 lanes summed at once; no key past the last is read.
-          __m512 dots[16];
-          const __m512bh* qj = (const __m512bh*)&qb[j * chunks];
-          for (int r = 0; r < 16; ++r) {
-            __m512 d = _mm512_setzero_ps();
-            if (r < n)
-              for (int64_t c = 0; c < chunks; ++c)
-                d = _mm512_dpbf16_ps(d, qj[c], (__m512bh)_mm512_maskz_loadu_epi16(lanes[c], kb + (s0 + r) * ks2 + 32 * c));
-            dots[r] = d;
-          }
+          const __m512 dots = key_block_fn(chunks)((const __m512bh*)&qb[j * chunks], kb + s0 * ks2, ks2, n, lanes);
           const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[(j % n_q) * blocks + kb0],
-                                               _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(scale)));
+                                               _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
           _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
-          top[j] = std::max(top[j], _mm512_reduce_max_ps(sc));
         }
       }
       for (int64_t j = 0; j < queries; ++j) {  // weights exp(score - max), and their total
         float* sj = &scores[j * blocks * 16];
+        __m512 most = _mm512_set1_ps(-INFINITY);  // lane by lane, then across lanes once
+        for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(sj + s0));
+        const float top = _mm512_reduce_max_ps(most);
         __m512 sum = _mm512_setzero_ps();
-        const __m512 mx = _mm512_set1_ps(top[j] > -INFINITY ? top[j] : 0.0f);
+        const __m512 mx = _mm512_set1_ps(top > -INFINITY ? top : 0.0f);
         for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) {
           const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mx));
           _mm512_storeu_ps(sj + s0, e);
@@ -327,18 +403,7 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
       const int64_t chunk = std::max<int64_t>(1, 16 / vecs);
       for (int64_t j0 = 0; j0 < queries; j0 += chunk) {
         const int64_t nj = std::min(chunk, queries - j0);
-        __m512 sums[16];
-        for (int64_t x = 0; x < nj * vecs; ++x) sums[x] = _mm512_setzero_ps();
-        for (int64_t s = 0; s < keys; ++s) {
-          __m512 vv[16];
-          for (int64_t c = 0; c < vecs; ++c) vv[c] = load_bf16(vb + s * vs2 + 16 * c);
-          // Unseen keys weigh 0 and add nothing (the cache never holds infinities or NaNs).
-          for (int64_t x = 0; x < nj; ++x) {
-            const __m512 pv = _mm512_set1_ps(scores[(j0 + x) * blocks * 16 + s]);
-            for (int64_t c = 0; c < vecs; ++c) sums[x * vecs + c] = _mm512_fmadd_ps(pv, vv[c], sums[x * vecs + c]);
-          }
-        }
-        for (int64_t x = 0; x < nj * vecs; ++x) _mm512_storeu_ps(&acc[j0 * dim + 16 * x], sums[x]);
+        weighted_values_fn(vecs, nj)(vb, vs2, keys, scores + j0 * blocks * 16, blocks * 16, vecs, nj, acc + j0 * dim);
       }
       for (int64_t j = 0; j < queries; ++j) {
         // A query that sees no key (never in a decoding step) gets zeros rather than NaNs.
