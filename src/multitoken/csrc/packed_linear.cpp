@@ -327,6 +327,7 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
   const at::Tensor m = mask.expand({batch, 1, n_q, keys});
   const int64_t group = heads / kv_heads, vecs = dim / 16, queries = group * n_q, blocks = (keys + 15) / 16;
   const int64_t chunks = (dim + 31) / 32;  // vectors of 32 bf16 per query or key
+  const KeyBlockFn dot_block = key_block_fn(chunks);
   __mmask32 lanes[8];
   for (int64_t c = 0; c < chunks; ++c) lanes[c] = (__mmask32)(dim - 32 * c >= 32 ? ~0u : (1u << (dim - 32 * c)) - 1);
   const float scale = 1.0f / std::sqrt((float)dim);
@@ -378,12 +379,13 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
       }
       for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
         const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
-        for (int64_t j = 0; j < queries; ++j) {
-          const __m512 dots = key_block_fn(chunks)((const __m512bh*)&qb[j * chunks], kb + s0 * ks2, ks2, n, lanes);
-          const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[(j % n_q) * blocks + kb0],
-                                               _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
-          _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
-        }
+        for (int64_t h = 0, j = 0; h < group; ++h)  // query j: head h of the group, token t
+          for (int64_t t = 0; t < n_q; ++t, ++j) {
+            const __m512 dots = dot_block((const __m512bh*)&qb[j * chunks], kb + s0 * ks2, ks2, n, lanes);
+            const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[t * blocks + kb0],
+                                                 _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
+          }
       }
       for (int64_t j = 0; j < queries; ++j) {  // weights exp(score - max), and their total
         float* sj = &scores[j * blocks * 16];
