@@ -1,7 +1,7 @@
 """Compiled decode steps alone, two ways of compiling them side by side, interleaved in one run.
 
-    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze|attention|kernels|checks|wrapper] [--dtype float32] [--batch 1]
-        [--position 64] [--rounds 8] [--calls 10] [--threads 2] [--tree N]
+    python benchmarks/bench_steps.py --ckpt-dir CKPT [--compare fuse|freeze|attention|kernels|checks|wrapper|heads]
+        [--dtype float32] [--batch 1] [--position 64] [--rounds 8] [--calls 10] [--threads 2] [--tree N] [--eager]
 
 Times the three step functions a decoding loop calls, as compiled graphs with no loop around them:
 the 1-token plain step, the (k+1)-token verify step and the fused greedy self-speculative step
@@ -14,8 +14,10 @@ kernel or as multiplies and sums (`DecodeSteps(single_query=...)`, the default o
 `kernels`, bf16 products and attention by ATen (and inductor) or by `multitoken.kernels`
 (`DecodeSteps(cpu_kernels=...)`, the default in bf16 where they run); `checks`, inductor's checks of
 sizes, strides and alignment around its kernel calls or not (`steps.UNCHECKED_OPTIONS`, the default);
-`wrapper`, inductor's generated code that calls the kernels as Python or as C++ (`cpp_wrapper`). --tree N
-also times the fused greedy tree step of an N-node tree (`tree.greedy_tree_step`). Rounds alternate
+`wrapper`, inductor's generated code that calls the kernels as Python or as C++ (`cpp_wrapper`); `heads`,
+the extra heads one by one or as one computation (`DecodeSteps(group_heads=...)`, the default where the
+bf16 kernels run them; in the greedy spec step, while tree steps group them either way). --eager times eager steps
+instead (the comparisons of compiling options then compare nothing). --tree N also times the fused greedy tree step of an N-node tree (`tree.greedy_tree_step`). Rounds alternate
 between the two so that the machine's drift hits both alike; each figure is the fastest round's mean over --calls calls (noise
 only adds time).
 """
@@ -41,6 +43,7 @@ COMPARISONS = {
     "kernels": (("aten", {"cpu_kernels": False}), ("kernels", {"cpu_kernels": True})),
     "checks": (("checked", {"compile_options": {name: True for name in UNCHECKED_OPTIONS}}), ("unchecked", {})),
     "wrapper": (("python", {}), ("c++", {"compile_options": {"cpp_wrapper": True}})),
+    "heads": (("per-head", {"group_heads": False}), ("grouped", {})),
 }
 
 
@@ -51,7 +54,8 @@ def main() -> None:
                    help="fuse: fused q/k/v and w1/w3 products against separate ones; freeze: frozen steps against "
                         "unfrozen; attention: single-query attention as multiplies and sums against ATen's flash kernel; "
                         "kernels: multitoken.kernels' bf16 products and attention against ATen's; checks: inductor's "
-                        "size/stride/alignment checks around kernel calls or not; wrapper: Python or C++ generated wrapper")
+                        "size/stride/alignment checks around kernel calls or not; wrapper: Python or C++ generated wrapper; "
+                        "heads: the extra heads one by one or grouped")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--position", type=int, default=64, help="cache position the steps write at")
@@ -59,6 +63,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10, help="calls per round")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tree", type=int, default=0, help="also time the greedy tree step of this node budget")
+    p.add_argument("--eager", action="store_true", help="eager steps instead of compiled ones")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -67,7 +72,7 @@ def main() -> None:
     steps = {}
     for name, options in ((base, base_options), (variant, variant_options)):
         model = load_model(a.ckpt_dir, device="cpu", dtype=dtype, max_seq_len=a.position + 64, max_batch_size=a.batch)
-        steps[name] = DecodeSteps(model.eval(), compile=True, **options)
+        steps[name] = DecodeSteps(model.eval(), compile=not a.eager, **options)
     k = steps[base].model.n_future_tokens - 1
     if k < 1:
         raise SystemExit(f"error: {a.ckpt_dir} has no extra heads (n_future_tokens=1): nothing to verify or draft")

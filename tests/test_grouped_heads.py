@@ -55,16 +55,19 @@ def _drafts(model, grouped: bool, compile: bool, monkeypatch) -> list[torch.Tens
     """Drafts of a batch of 3 at ragged positions, after a prefill and after verify steps, each row's
     drafts at its own token; a greedy step; and the extra heads' caches after them."""
     model.setup_caches(3, 96)
-    steps = DecodeSteps(model, compile=compile)
-    if not grouped:
-        monkeypatch.setattr(grouped_heads, "usable", lambda heads, h: False)
+    steps = DecodeSteps(model, compile=compile, group_heads=grouped)
+    calls = []
+    forward = grouped_heads.forward
+    # Grouped: the grouped path runs (traced, when compiled); one by one: nothing runs it behind our back.
+    monkeypatch.setattr(grouped_heads, "forward",
+                        lambda *args: calls.append(1) or forward(*args) if grouped else pytest.fail("heads grouped"))
     g = torch.Generator().manual_seed(0)
     vocab = model.args.vocab_size
     outs = []
     with torch.inference_mode():
         pos = model.positions(torch.zeros(3, dtype=torch.long), 3, 20)
         h = model.forward_trunk(torch.randint(0, vocab, (3, 20), generator=g), pos)
-        outs.append(draft_logits(model, h, pos, torch.tensor([19, 11, 4]), 2))
+        outs.append(draft_logits(model, h, pos, torch.tensor([19, 11, 4]), 2, grouped=grouped))
         start = torch.tensor([20, 12, 5])
         for i in range(3):
             span = steps.span(int(start.max()) + 4)
@@ -74,6 +77,7 @@ def _drafts(model, grouped: bool, compile: bool, monkeypatch) -> list[torch.Tens
             start = start + index + 1
         outs += steps.greedy(torch.randint(0, vocab, (3, 4), generator=g), start, 3, span=steps.span(int(start.max()) + 4))
     monkeypatch.undo()
+    assert bool(calls) == grouped
     return outs + [b.attention.cache.k.clone() for b in model.extra_heads] + [b.attention.cache.v.clone() for b in model.extra_heads]
 
 

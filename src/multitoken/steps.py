@@ -290,12 +290,14 @@ class DecodeSteps:
     of `single_query` and `rowwise`.
     Frozen steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`),
     and steps compiled without a mode inductor's checks around its kernel calls (`UNCHECKED_OPTIONS`);
-    `compile_options` are inductor options over these defaults (e.g. {"cpp_wrapper": True})."""
+    `compile_options` are inductor options over these defaults (e.g. {"cpp_wrapper": True}).
+    `group_heads` runs the extra heads as one computation where the kernels run them (`grouped_heads`;
+    default on: the same drafts, fewer calls)."""
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
                  rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None,
                  single_query: bool | None = None, dynamic_span: bool | None = None, cpu_kernels: bool | None = None,
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, group_heads: bool = True):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
@@ -342,6 +344,7 @@ class DecodeSteps:
         if compile if fuse is None else fuse:
             fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
         self.cpu_kernels = cpu_kernels
+        self.group_heads = group_heads
         # Packed copies of exactly the products these steps run: earlier steps may have packed others
         # (separate q, k, v before fusing), and the copies they made of these are kept.
         products = inference_products(model)
@@ -446,7 +449,8 @@ class DecodeSteps:
                span: int | torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, k, vocab) of extra heads 1 .. k at token index[b] of each row of the trunk
         output h of a `step` at `start`; the heads' keys and values are cached for every token of h."""
-        return draft_logits(self.model, h, self._positions(start, h.shape[0], h.shape[1], span), index, k)
+        return draft_logits(self.model, h, self._positions(start, h.shape[0], h.shape[1], span), index, k,
+                            grouped=self.group_heads)
 
     def _greedy(self, tokens: torch.Tensor, start: torch.Tensor, k: int, span: int | torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -470,12 +474,13 @@ def leading_true(ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok.all(-1), ok.shape[-1], (~ok).int().argmax(-1))
 
 
-def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int) -> torch.Tensor:
+def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: torch.Tensor, k: int,
+                 grouped: bool = True) -> torch.Tensor:
     """Logits (batch, k, vocab) of extra heads 1..k at token `index` of each row: the heads' keys and
     values are cached for every token of h, their full forward runs at `index` alone; as one computation
-    where the CPU kernels run them (`grouped_heads`), else head by head."""
+    where the CPU kernels run them (`grouped_heads`; unless `grouped=False`), else head by head."""
     heads = list(model.extra_heads[:k])
-    if grouped_heads.usable(heads, h):
+    if grouped and grouped_heads.usable(heads, h):
         heads_out = grouped_heads.forward(heads, h, pos, index)
     else:
         heads_out = torch.cat([model.forward_head(j, h, pos, index) for j in range(1, k + 1)], dim=1)
