@@ -5,7 +5,8 @@ norm, a projection, the attention, the feed-forward) can run for all heads at on
 packed kernel over the heads' weights (`kernels.linear_group`) and one of the attention kernel over their
 caches (`kernels.attention_group`) where the per-head code makes one per head. On the shipped model a
 head's block is ~7 operator calls of a few microseconds' work each: eagerly, where a call costs tens
-of microseconds, grouping made the greedy speculative step 15% faster; compiled, about the same.
+of microseconds, grouping makes the greedy speculative step ~5% faster; compiled, about the same
+(`benchmarks/bench_steps.py --compare heads [--eager]`).
 
 Only where the bf16 CPU kernels run the heads' products and attention (`DecodeSteps(cpu_kernels=True)`):
 their outputs do not depend on what else a call computes, so grouped heads give the per-head path's
