@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_args
+from multitoken import grouped_heads, kernels
 from multitoken.generation import Llama
 from multitoken.serve import engine as engine_module
 from multitoken.serve.engine import Engine, Output, QueueFull, Request, SamplingParams
+from multitoken.steps import DecodeSteps
 from test_generation import IdTokenizer
 
 VOCAB = 300
@@ -203,3 +205,28 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_serves_on
     engine.stop()
     thread.join(10)
     assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the bf16 CPU kernels")
+def test_heads_grouped_by_the_bf16_kernels_draft_as_one_by_one_in_served_rows(monkeypatch):
+    def serve(grouped: bool) -> list[torch.Tensor]:
+        model = _model(dtype=torch.bfloat16, std=0.3)
+        model.setup_caches(3, 64)
+        DecodeSteps(model)  # puts the bf16 kernels in the model's products and attention
+        calls = []
+        forward = grouped_heads.forward
+        monkeypatch.setattr(grouped_heads, "usable", grouped_heads.usable if grouped else lambda heads, h: False)
+        monkeypatch.setattr(grouped_heads, "forward", lambda *args: calls.append(1) or forward(*args))
+        engine = Engine(model, VOCAB - 1, max_batch_size=3, max_seq_len=64)
+        got = Collect()
+        engine.submit([got.request(i, p, max_tokens=12) for i, p in enumerate(PROMPTS)])  # rows get reused
+        drafts = []
+        while engine.running or engine.waiting:
+            engine.step()
+            drafts.append(engine.drafts.clone())
+        monkeypatch.undo()
+        assert bool(calls) == grouped
+        return drafts + [torch.tensor(got.tokens[i]) for i in range(len(PROMPTS))]
+
+    grouped, one_by_one = serve(True), serve(False)
+    assert len(grouped) == len(one_by_one) and all(torch.equal(a, b) for a, b in zip(grouped, one_by_one))
