@@ -4,8 +4,8 @@
 A decode step multiplies 1 to a few dozen rows (a token, or the last token and its drafts, per batch
 row) by every weight matrix. ATen's bf16 products pay ~30 us a call here whatever their size and grow
 with every row; the kernel reads weights packed for AVX-512 BF16's pairwise multiply-add from memory
-once, whatever the rows (a tile at a time, from cache for its later rows). On the 2-core AVX-512 BF16 host, a (1536 x 256) product of 1 row took 10 us (ATen 58), of 4
-rows 14 (ATen 68). Each output, and each query's attention, is the same float32 sum in the same order
+once whatever the rows (a tile at a time, from cache for its later rows). On the 2-core AVX-512 BF16
+host, a (1536 x 256) product of 1 row took 10 us (ATen 58), of 4 rows 14 (ATen 68). Each output, and each query's attention, is the same float32 sum in the same order
 whatever the other rows are, so a token's result does not depend on the tokens beside it.
 
 The kernels are built on first use with the host's C++ compiler (~10 s, cached under
@@ -200,15 +200,14 @@ def linear_group(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
     return torch.stack([m(x[g]) for g, m in enumerate(linears)])
 
 
-def attention_group(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], mask: torch.Tensor | None,
-                    sdpa=None) -> torch.Tensor:
-    """The attention of G layers at the same positions: q (G, batch, heads, n_q, head_dim), ks[g] and vs[g]
-    layer g's keys and values, one mask; `sdpa` (default `attention`) is how each layer attends alone.
-    One call of the kernel where `sdpa` is `attention` and the kernel would run it; else layer by layer."""
-    sdpa = sdpa or attention
-    if sdpa is attention and _attention_runs(q) and all(k.shape == ks[0].shape for k in ks):
+def attention_group(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], mask: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """`attention` of G layers at the same positions: q (G, batch, heads, n_q, head_dim), ks[g] and vs[g]
+    layer g's keys and values, one mask. One call of the kernel where it would run each layer's; else
+    layer by layer."""
+    if _attention_runs(q) and all(k.shape == ks[0].shape for k in ks):
         return torch.ops.multitoken.few_query_attention_group(q, ks, vs, mask)
-    return torch.stack([sdpa(q[g], k, v, mask) for g, (k, v) in enumerate(zip(ks, vs))])
+    return torch.stack([attention(q[g], k, v, mask) for g, (k, v) in enumerate(zip(ks, vs))])
 
 
 def _attention_runs(q: torch.Tensor) -> bool:
@@ -221,7 +220,8 @@ def _attention_runs(q: torch.Tensor) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`model.scaled_dot_product` for decode steps: in the kernel for bf16 CPU tensors of up to
     ATTENTION_MAX_QUERIES queries per row and a head_dim that is a multiple of 16 (at most 256), each
-    query in float32 on its own; otherwise, and with gradients on, scaled_dot_product."""
+    query on its own (bf16 products summed in float32, a float32 softmax); otherwise, and with gradients
+    on, scaled_dot_product."""
     if not _attention_runs(q):
         return scaled_dot_product(q, k, v, mask)
     return torch.ops.multitoken.few_query_attention(q, k, v, mask)
