@@ -1,10 +1,10 @@
 """Where a compiled decode step's time goes: every statement of inductor's generated wrapper, timed.
 
-    python benchmarks/bench_step_breakdown.py --ckpt-dir CKPT [--step 1-token|verify|greedy] [--dtype bfloat16]
-        [--batch 1] [--position 128] [--calls 200] [--top 25] [--threads 2]
+    python benchmarks/bench_step_breakdown.py --ckpt-dir CKPT [--step 1-token|verify|greedy|tree] [--tree 8]
+        [--dtype bfloat16] [--batch 1] [--position 128] [--calls 200] [--top 25] [--threads 2]
 
-Compiles one step of `DecodeSteps` (the 1-token plain step, the (k+1)-token verify step, or the fused
-greedy self-speculative step), captures the inputs of its compiled graph, and runs the graph's Python
+Compiles one step of `DecodeSteps` (the 1-token plain step, the (k+1)-token verify step, the fused
+greedy self-speculative step, or the fused greedy tree step of a --tree node budget), captures the inputs of its compiled graph, and runs the graph's Python
 wrapper again with a clock read after each statement: each kernel call, buffer allocation and view.
 Prints the total by kind (the packed products, the attention kernel, inductor's own C++ kernels,
 ATen fallbacks, and the wrapper's other Python statements) and the slowest statements, each the
@@ -27,6 +27,7 @@ import torch
 
 from multitoken.checkpoint import load_model
 from multitoken.steps import DecodeSteps
+from multitoken.tree import TreeDrafter, greedy_tree_step
 
 KINDS = [("packed products", "multitoken.packed_linear"), ("attention kernel", "multitoken.few_query_attention"),
          ("inductor kernels", "cpp_fused"), ("ATen fallbacks", "torch.ops.aten."), ("ATen fallbacks", "extern_kernels.")]
@@ -102,7 +103,8 @@ def timed_call(module, clock: list):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt-dir", type=Path, required=True)
-    p.add_argument("--step", choices=["1-token", "verify", "greedy"], default="greedy")
+    p.add_argument("--step", choices=["1-token", "verify", "greedy", "tree"], default="greedy")
+    p.add_argument("--tree", type=int, default=8, help="node budget of the tree step (--step tree)")
     p.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--position", type=int, default=128, help="cache position the step writes at")
@@ -112,8 +114,8 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    model = load_model(a.ckpt_dir, device="cpu", dtype=getattr(torch, a.dtype), max_seq_len=a.position + 64,
-                       max_batch_size=a.batch)
+    model = load_model(a.ckpt_dir, device="cpu", dtype=getattr(torch, a.dtype),
+                       max_seq_len=a.position + 64 + (a.tree if a.step == "tree" else 0), max_batch_size=a.batch)
     steps = DecodeSteps(model.eval(), compile=True)
     k = model.n_future_tokens - 1
     if k < 1 and a.step != "1-token":
@@ -123,6 +125,12 @@ def main() -> None:
     span = steps.span(a.position + k + 1)
     run = (lambda: steps.greedy(tokens, start, k, span=span)) if a.step == "greedy" else (
         lambda: steps.step(tokens, start, span=span))
+    if a.step == "tree":
+        drafter = TreeDrafter(a.tree, k, model.args.vocab_size)
+        with torch.inference_mode():  # equal draft logits: ties, broken the same way every call
+            t, _ = drafter(torch.zeros(a.batch, k, drafter.n_ranks), torch.zeros(a.batch, dtype=torch.long), 0.0, 1.0)
+        tree_step, span = steps.compile_fn(greedy_tree_step), steps.span(a.position + a.tree + 1)
+        run = lambda: tree_step(model, drafter, t.tokens, t.parent, t.depth, t.rank, start, span=span)  # noqa: E731
     print(f"{a.ckpt_dir}: {a.step} step, {a.dtype}, batch {a.batch}, position {a.position}, threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}; compiling...", flush=True)
     with torch.inference_mode():
