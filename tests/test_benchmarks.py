@@ -117,9 +117,10 @@ def test_bench_kernels_names_a_missing_baseline_source(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_step_breakdown_times_every_statement_of_the_compiled_step(tiny_ckpt):
+@pytest.mark.parametrize("step", ["verify", "tree"])
+def test_bench_step_breakdown_times_every_statement_of_the_compiled_step(tiny_ckpt, step):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_step_breakdown.py"), "--ckpt-dir", str(tiny_ckpt),
-           "--dtype", "float32", "--step", "verify", "--calls", "5", "--top", "3", "--position", "16"]
+           "--dtype", "float32", "--step", step, "--tree", "4", "--calls", "5", "--top", "3", "--position", "16"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
