@@ -4,8 +4,9 @@
         [--dtype bfloat16] [--batch 1] [--position 128] [--calls 200] [--top 25] [--threads 2]
 
 Compiles one step of `DecodeSteps` (the 1-token plain step, the (k+1)-token verify step, the fused
-greedy self-speculative step, or the fused greedy tree step of a --tree node budget), captures the inputs of its compiled graph, and runs the graph's Python
-wrapper again with a clock read after each statement: each kernel call, buffer allocation and view.
+greedy self-speculative step, or the fused greedy tree step of a --tree node budget), captures the
+inputs of its compiled graph, and runs the graph's Python wrapper again with a clock read after each
+statement: each kernel call, buffer allocation and view.
 Prints the total by kind (the packed products, the attention kernel, inductor's own C++ kernels,
 ATen fallbacks, and the wrapper's other Python statements) and the slowest statements, each the
 median of --calls calls. The profiler cannot do this on a step of ~500 statements of a few
@@ -122,15 +123,19 @@ def main() -> None:
         raise SystemExit(f"error: {a.ckpt_dir} has no extra heads (n_future_tokens=1): only --step 1-token applies")
     start = torch.full((a.batch,), a.position)
     tokens = torch.zeros(a.batch, 1 if a.step == "1-token" else k + 1, dtype=torch.long)
-    span = steps.span(a.position + k + 1)
-    run = (lambda: steps.greedy(tokens, start, k, span=span)) if a.step == "greedy" else (
-        lambda: steps.step(tokens, start, span=span))
     if a.step == "tree":
         drafter = TreeDrafter(a.tree, k, model.args.vocab_size)
         with torch.inference_mode():  # equal draft logits: ties, broken the same way every call
             t, _ = drafter(torch.zeros(a.batch, k, drafter.n_ranks), torch.zeros(a.batch, dtype=torch.long), 0.0, 1.0)
         tree_step, span = steps.compile_fn(greedy_tree_step), steps.span(a.position + a.tree + 1)
-        run = lambda: tree_step(model, drafter, t.tokens, t.parent, t.depth, t.rank, start, span=span)  # noqa: E731
+
+        def run():
+            return tree_step(model, drafter, t.tokens, t.parent, t.depth, t.rank, start, span=span)
+    else:
+        span = steps.span(a.position + k + 1)
+
+        def run():
+            return steps.greedy(tokens, start, k, span=span) if a.step == "greedy" else steps.step(tokens, start, span=span)
     print(f"{a.ckpt_dir}: {a.step} step, {a.dtype}, batch {a.batch}, position {a.position}, threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}; compiling...", flush=True)
     with torch.inference_mode():
@@ -148,8 +153,7 @@ def main() -> None:
     by_kind: dict[str, float] = {}
     for line, seconds in median.items():
         text = lines[line - 1]
-        kind = next((name for name, marker in KINDS if marker in text and "=" in text or text.strip().startswith(marker)),
-                    "other Python")
+        kind = next((name for name, marker in KINDS if marker in text), "other Python")
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     total = sum(median.values())
     print(f"{len(median)} statements, {1e3 * total:.3f} ms in all (sum of medians)")

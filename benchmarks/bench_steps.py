@@ -16,10 +16,11 @@ kernel or as multiplies and sums (`DecodeSteps(single_query=...)`, the default o
 sizes, strides and alignment around its kernel calls or not (`steps.UNCHECKED_OPTIONS`, the default);
 `wrapper`, inductor's generated code that calls the kernels as Python or as C++ (`cpp_wrapper`); `heads`,
 the extra heads one by one or as one computation (`DecodeSteps(group_heads=...)`, the default where the
-bf16 kernels run them; in the greedy spec step, while tree steps group them either way). --eager times eager steps
-instead (the comparisons of compiling options then compare nothing). --tree N also times the fused greedy tree step of an N-node tree (`tree.greedy_tree_step`). Rounds alternate
-between the two so that the machine's drift hits both alike; each figure is the fastest round's mean over --calls calls (noise
-only adds time).
+bf16 kernels run them; in the greedy spec step, while tree steps group them either way). --eager times
+eager steps instead (the comparisons of compiling options then compare nothing). --tree N also times
+the fused greedy tree step of an N-node tree (`tree.greedy_tree_step`). Rounds alternate between the
+two so that the machine's drift hits both alike; each figure is the fastest round's mean over --calls
+calls (noise only adds time).
 """
 
 from __future__ import annotations

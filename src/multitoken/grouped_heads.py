@@ -20,18 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from multitoken import kernels
+# steps imports this module (its draft_logits runs the heads grouped); the module, not its names, is
+# imported here, so either can be imported first.
+from multitoken import steps
 from multitoken.model import Positions, RMSNorm, TransformerBlock, apply_rope, select_tokens
-
-
-# Fused projections (`steps.fuse_projections`) are attributes, not submodules: read them where present.
-def _fused(module: torch.nn.Module, name: str) -> bool:
-    return getattr(module, name, None) is not None
-
-
-def _projections(block: TransformerBlock) -> list[torch.nn.Linear]:
-    attention, ffn = block.attention, block.feed_forward
-    return ([attention.wqkv] if _fused(attention, "wqkv") else [attention.wq, attention.wk, attention.wv]) + \
-        ([ffn.w13] if _fused(ffn, "w13") else [ffn.w1, ffn.w3]) + [attention.wo, ffn.w2]
 
 
 def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
@@ -42,11 +34,11 @@ def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
     first = heads[0]
     for block in heads:
         if (block.attention.sdpa is not kernels.attention or block.attention.cache is None
-                or _fused(block.attention, "wqkv") != _fused(first.attention, "wqkv")
-                or _fused(block.feed_forward, "w13") != _fused(first.feed_forward, "w13")
+                or type(block.attention) is not type(first.attention)
+                or type(block.feed_forward) is not type(first.feed_forward)
                 or block.attention_norm.eps != first.attention_norm.eps or block.ffn_norm.eps != first.ffn_norm.eps):
             return False
-        if not all(isinstance(m, kernels.PackedLinear) and m.packed is not None for m in _projections(block)):
+        if not all(isinstance(m, kernels.PackedLinear) and m.packed is not None for m in steps.block_products(block)):
             return False
     return True
 
@@ -72,7 +64,7 @@ def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, inde
     n, a = len(heads), heads[0].attention
     bsz, seqlen, _ = h.shape
     x = _norm(h, [b.attention_norm for b in heads])  # (G, batch, seq, dim)
-    if _fused(a, "wqkv"):
+    if isinstance(a, steps.FusedAttention):
         # Queries of every token, then the selected one's, as FusedAttention computes them.
         q, xk, xv = kernels.linear_group(x, [b.attention.wqkv for b in heads]).split(
             [a.wq.out_features, a.wk.out_features, a.wv.out_features], -1)
@@ -91,7 +83,7 @@ def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, inde
     hh = select_tokens(h, index) + kernels.linear_group(out.transpose(2, 3).reshape(n, bsz, 1, -1),
                                                      [b.attention.wo for b in heads])  # (G, batch, 1, dim)
     x = _norm(hh, [b.ffn_norm for b in heads])
-    if _fused(heads[0].feed_forward, "w13"):
+    if isinstance(heads[0].feed_forward, steps.FusedFeedForward):
         gate, up = kernels.linear_group(x, [b.feed_forward.w13 for b in heads]).chunk(2, dim=-1)
     else:
         gate = kernels.linear_group(x, [b.feed_forward.w1 for b in heads])

@@ -144,10 +144,14 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or torch.is_grad_enabled() or x.dtype != torch.bfloat16 or x.shape[:-1].numel() > PACKED_MAX_ROWS:
             return F.linear(x, self.weight)
-        if not torch.compiler.is_compiling() and self._packed_from != _version(self.weight):
-            self.repack()
+        self.refresh()
         # The weight's shape, not self.out_features: compiled steps guard every plain attribute they read.
         return torch.ops.multitoken.packed_linear(x, self.packed, self.weight.shape[0])
+
+    def refresh(self) -> None:
+        """Pack the weight again if it changed since it was packed (eagerly: a compiled graph keeps its copy)."""
+        if not torch.compiler.is_compiling() and self._packed_from != _version(self.weight):
+            self.repack()
 
     def repack(self) -> None:
         """Pack the current weight (a bf16 CPU one; anything else drops the copy)."""
@@ -192,10 +196,8 @@ def linear_group(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
     bit, as each layer's own call); otherwise each layer in turn."""
     if (all(isinstance(m, PackedLinear) and m.packed is not None for m in linears) and not torch.is_grad_enabled()
             and x.dtype == torch.bfloat16 and x[0].shape[:-1].numel() <= PACKED_MAX_ROWS):
-        if not torch.compiler.is_compiling():  # eagerly the copies follow the weights, as PackedLinear's do
-            for m in linears:
-                if m._packed_from != _version(m.weight):
-                    m.repack()
+        for m in linears:
+            m.refresh()
         return torch.ops.multitoken.packed_linear_group(x, [m.packed for m in linears], linears[0].weight.shape[0])
     return torch.stack([m(x[g]) for g, m in enumerate(linears)])
 

@@ -170,16 +170,18 @@ def fuse_projections(model: Transformer) -> Transformer:
     return model
 
 
+def block_products(block: nn.Module) -> list[nn.Linear]:
+    """The linear layers a block's forward without gradients runs: its fused products where
+    `fuse_projections` made them, its separate ones elsewhere."""
+    attention, ffn = block.attention, block.feed_forward
+    return ([attention.wqkv] if isinstance(attention, FusedAttention) else [attention.wq, attention.wk, attention.wv]) \
+        + [attention.wo, ffn.w2] + ([ffn.w13] if isinstance(ffn, FusedFeedForward) else [ffn.w1, ffn.w3])
+
+
 def inference_products(model: Transformer) -> list[nn.Linear]:
-    """The linear layers a forward without gradients runs: each block's fused products where
-    `fuse_projections` made them, its separate ones elsewhere, and the unembedding."""
-    linears: list[nn.Linear] = [model.output]
-    for block in [*model.layers, *model.extra_heads]:
-        attention, ffn = block.attention, block.feed_forward
-        linears += ([attention.wqkv] if isinstance(attention, FusedAttention) else [attention.wq, attention.wk, attention.wv])
-        linears += [attention.wo, ffn.w2]
-        linears += [ffn.w13] if isinstance(ffn, FusedFeedForward) else [ffn.w1, ffn.w3]
-    return linears
+    """The linear layers a forward without gradients runs: every block's (`block_products`) and the
+    unembedding."""
+    return [model.output] + [m for block in [*model.layers, *model.extra_heads] for m in block_products(block)]
 
 
 @dataclass
