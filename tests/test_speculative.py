@@ -50,6 +50,20 @@ def test_end_of_cache_shrinks_the_drafts_and_stops_at_max_seq_len():
     assert llama.generate(prompts, 50, temperature=0, speculative=True)[0] == expected
 
 
+def test_finished_rows_leave_the_batch():
+    """A row that has ended (here at EOS) leaves the batch: later steps run only the rows still going,
+    their caches moved to the first slots, and every row's output is still its own plain decoding."""
+    llama = _llama()
+    llama.tokenizer.eos_id = llama.generate(PROMPTS, 20, temperature=0)[0][1][6]  # row 1 ends early
+    expected = [llama.generate([p], 20, temperature=0)[0][0] for p in PROMPTS]
+    assert len(expected[1]) < 20 and len({len(r) for r in expected}) > 1
+    sizes = []
+    greedy = llama.steps.greedy
+    llama.steps.greedy = lambda tokens, *a, **kw: sizes.append(tokens.shape[0]) or greedy(tokens, *a, **kw)
+    assert llama.generate(PROMPTS, 20, temperature=0, speculative=True)[0] == expected
+    assert sizes[0] == 4 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 3
+
+
 def test_stale_and_unwritten_cache_entries_are_never_attended():
     llama = _llama()
     expected = llama.generate(PROMPTS, 24, temperature=0)[0]
@@ -215,8 +229,10 @@ def test_auto_draft_count_keeps_greedy_exact_and_tries_every_count():
     plain = llama.generate(PROMPTS, 30, temperature=0)[0]
     for _ in range(2):  # the second call starts from the step times the first measured
         assert llama.generate(PROMPTS, 30, temperature=0, speculative=True, draft_heads="auto")[0] == plain
-    assert sorted(llama.steps.step_times) == [(4, 1), (4, 2), (4, 3)]
-    assert all(t.cost > 0 for t in llama.steps.step_times.values())
+    # Every count timed at the full batch; rows that finished early left it, so smaller batches ran too.
+    assert {(4, 1), (4, 2), (4, 3)} <= set(llama.steps.step_times)
+    assert {b for b, _ in llama.steps.step_times} - {4} and all(b < 4 for b, _ in llama.steps.step_times if b != 4)
+    assert all(t.cost > 0 for t in llama.steps.step_times.values() if t.recent)
     alone = [llama.generate([p], 30, temperature=0, speculative=True, draft_heads="auto")[0][0] for p in PROMPTS]
     assert alone == plain
 

@@ -152,6 +152,13 @@ def test_decode_steps_need_caches():
         DecodeSteps(random_model())
 
 
+def test_rows_that_finish_leave_eager_batches_at_once_and_compiled_cpu_ones_by_powers_of_two():
+    model = random_model(tiny_args(n_layers=4), seed=1).eval()
+    model.setup_caches(16, 32)
+    assert [DecodeSteps(model).batch_size(n) for n in (1, 3, 5, 16)] == [1, 3, 5, 16]
+    assert [DecodeSteps(model, compile=True).batch_size(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+
+
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_eager_greedy_tokens():
     """Plain and self-speculative greedy decoding, batch 1 and a ragged batch, with compiled steps."""
@@ -165,7 +172,12 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens():
     assert compiled.steps.compiled
     assert [compiled.generate([p], 24, temperature=0)[0][0] for p in PROMPTS] == expected
     assert compiled.generate(PROMPTS, 24, temperature=0)[0] == expected
+    sizes = []  # rows that finish leave the batch: 3 rows run as 3, then 2, then 1 (powers of two)
+    greedy = compiled.steps.greedy
+    compiled.steps.greedy = lambda tokens, *a, **kw: sizes.append(tokens.shape[0]) or greedy(tokens, *a, **kw)
     assert compiled.generate(PROMPTS, 24, temperature=0, speculative=True)[0] == expected
+    compiled.steps.greedy = greedy
+    assert sizes[0] == 3 and set(sizes) <= {3, 2, 1} and sizes == sorted(sizes, reverse=True)
     assert [compiled.generate([p], 24, temperature=0, speculative=True)[0][0] for p in PROMPTS] == expected
     # "auto" verifies 1, 2 or 3 drafts per step: a compiled graph each, the same tokens.
     assert compiled.generate(PROMPTS, 24, temperature=0, speculative=True, draft_heads="auto")[0] == expected

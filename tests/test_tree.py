@@ -65,6 +65,17 @@ def test_eos_max_gen_len_and_streaming_are_respected_exactly():
         assert llama.generate(prompts, n, temperature=0, tree=16)[0] == llama.generate(prompts, n, temperature=0)[0]
 
 
+def test_finished_rows_leave_the_batch(monkeypatch):
+    llama, prompts = _small_vocab()
+    llama.tokenizer.eos_id = llama.generate(prompts, 20, temperature=0)[0][1][6]  # row 1 ends early
+    expected = [llama.generate([p], 20, temperature=0)[0][0] for p in prompts]
+    assert len({len(r) for r in expected}) > 1
+    sizes, trunk = [], llama.model.forward_trunk
+    monkeypatch.setattr(llama.model, "forward_trunk", lambda tokens, pos: sizes.append(tokens.shape[0]) or trunk(tokens, pos))
+    assert llama.generate(prompts, 20, temperature=0, tree=16)[0] == expected
+    assert sizes[0] == 4 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 3
+
+
 def test_end_of_cache_shrinks_the_tree_and_stops_at_max_seq_len():
     llama, _ = _small_vocab(vocab=8, max_seq_len=16)
     llama.tokenizer.eos_id = -1  # rows run into the end of the cache

@@ -152,7 +152,10 @@ class Outputs:
         self.logprobs: list[list[float]] = [[] for _ in prompt_tokens]
         self.done = [m <= 0 for m in self.max_new]
         self.positions = [len(t) for t in prompt_tokens]  # each row's next cache slot, as of the steps read
-        self._running: tuple[list[bool], torch.Tensor | None] = ([], None)
+        self.model = model
+        # The row each batch slot (and KV cache row) holds; None: an empty slot (see `shrink`).
+        self.slots: list[int | None] = list(range(len(prompt_tokens)))
+        self._running: tuple[list[int | None], torch.Tensor | None] = ([], None)
 
     def emit(self, b: int, tokens: list[int], lps: list[float]) -> None:
         """Append row b's new tokens, stopping at EOS (excluded) and at the row's length limit."""
@@ -169,40 +172,57 @@ class Outputs:
                 self.done[b] = True
                 return
 
-    def running(self, device: torch.device) -> tuple[list[bool], torch.Tensor]:
-        """The rows not done, as a list and as a bool tensor on `device`; the tensor is made again only
-        when a row has finished (otherwise it would be a host-to-device copy every step)."""
-        rows = [not d for d in self.done]
+    def running(self, device: torch.device) -> tuple[list[int | None], torch.Tensor]:
+        """The row the next step decodes in each batch slot (None: a finished row or an empty slot,
+        riding along), and which slots decode, as a bool tensor on `device`; the tensor is made again
+        only when a row has finished (otherwise it would be a host-to-device copy every step)."""
+        rows = [r if r is not None and not self.done[r] else None for r in self.slots]
         if rows != self._running[0]:
-            self._running = (rows, torch.tensor(rows).to(device, non_blocking=True))
+            self._running = (rows, torch.tensor([r is not None for r in rows]).to(device, non_blocking=True))
         return self._running
+
+    def shrink(self, batch_size: Callable[[int], int | None]) -> torch.Tensor | None:
+        """Retire finished rows when the rows still running fit a smaller batch (`batch_size(n)` slots
+        for n rows; None: keep the batch): a batch otherwise runs at full size until its slowest row ends, and on a CPU a
+        step's cost grows with its rows. Moves the running rows' KV caches to the first slots and
+        returns, for each new slot, the old slot whose per-row state it takes (the caller gathers its
+        tensors with it; slots past the running rows repeat one and ride along); None if the batch stays."""
+        live = [s for s, r in enumerate(self.slots) if r is not None and not self.done[r]]
+        size = batch_size(len(live)) if live else None
+        if size is None or size >= len(self.slots):
+            return None
+        device = self.model.tok_embeddings.weight.device
+        self.model.copy_cache_rows(torch.tensor(live, device=device), torch.arange(len(live), device=device))
+        self.slots = [self.slots[s] for s in live] + [None] * (size - len(live))
+        return torch.tensor(live + live[:1] * (size - len(live)), device=device)
 
     def furthest(self, in_flight: Sequence[QueuedStep]) -> int:
         """The furthest next slot of a running row, counting the queued steps not read yet: each may
         have moved a row it decodes by up to its j + 1."""
-        return max(self.positions[b] + sum(s.j + 1 for s in in_flight if s.active[b])
+        return max(self.positions[b] + sum(s.j + 1 for s in in_flight if b in s.rows)
                    for b, done in enumerate(self.done) if not done)
 
-    def add_step(self, active: list[bool], tokens: list[list[int]], n_acc: list[int], drafted: list[int],
+    def add_step(self, rows: list[int | None], tokens: list[list[int]], n_acc: list[int], drafted: list[int],
                  lps: list[list[float]] | None) -> list[int]:
-        """Take a verify step's output for the rows it decoded (`active`): row b accepted n_acc[b] of
-        its drafted[b] drafts, and emits tokens[b][:n_acc[b] + 1]. Moves each row's host-side position
-        on, counts the statistics and returns the accepted counts of the rows still running (a row
-        that finished in an earlier step, which a queued step ran ahead of, is skipped)."""
+        """Take a verify step's output for the rows it decoded (`rows`, the row in each batch slot or
+        None): the row in slot s accepted n_acc[s] of its drafted[s] drafts, and emits
+        tokens[s][:n_acc[s] + 1]. Moves each row's host-side position on, counts the statistics and
+        returns the accepted counts of the rows still running (a row that finished in an earlier step,
+        which a queued step ran ahead of, is skipped)."""
         accepted = []
-        for b, decoded in enumerate(active):
-            if not decoded:
+        for s, b in enumerate(rows):
+            if b is None:
                 continue
-            self.positions[b] += n_acc[b] + 1
+            self.positions[b] += n_acc[s] + 1
             if self.done[b]:
                 continue
             self.stats.forwards += 1
-            for i in range(drafted[b]):
+            for i in range(drafted[s]):
                 self.stats.proposed[i] += 1
-                self.stats.accepted[i] += i < n_acc[b]
-            n = n_acc[b] + 1
-            self.emit(b, tokens[b][:n], lps[b][:n] if lps is not None else [0.0] * n)
-            accepted.append(n_acc[b])
+                self.stats.accepted[i] += i < n_acc[s]
+            n = n_acc[s] + 1
+            self.emit(b, tokens[s][:n], lps[s][:n] if lps is not None else [0.0] * n)
+            accepted.append(n_acc[s])
         return accepted
 
     def result(self, echo: bool, prompt_logprobs: list[list[float]] | None
@@ -252,7 +272,7 @@ class QueuedStep:
     """A step the device has been given and whose results the host has not read yet."""
 
     j: int  # the most drafts it accepts
-    active: list[bool]  # rows it decodes for
+    rows: list[int | None]  # the row it decodes in each batch slot (None: none)
     results: list[torch.Tensor]  # tokens (batch, j + 1), accepted counts (batch,), ...
     ready: torch.cuda.Event | None  # on a GPU: when `results` have reached host memory
     k_next: int = 0  # drafts it proposes for the next step (chain)
@@ -325,18 +345,27 @@ def generate(
     rows = torch.arange(bsz, device=device)
     counter = DraftCount(k, bsz, steps.step_times) if auto else None
 
+    slot_rows = rows  # the row in each batch slot, on the device (an empty slot: any)
+
+    def uniforms(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Uniform draws (slots, *shape) that do not depend on which rows have left the batch: drawn
+        for every row of the batch as it began, then taken for the rows in the slots. Queued steps
+        learn of a finished row a step later and retire it later (`Outputs.shrink`); the same draws
+        then give the same tokens."""
+        return torch.rand(bsz, *shape, dtype=dtype, device=device)[slot_rows]
+
     def pick(logits: torch.Tensor) -> torch.Tensor:
         """Tokens for (batch, vocab) logits."""
         if greedy:
             return logits.argmax(-1)
-        return draw(probs_from_logits(logits, temperature, top_p))
+        return draw(probs_from_logits(logits, temperature, top_p), uniforms())
 
     def draft(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts (batch, j) from the extra heads' logits (batch, j, vocab), and their distributions."""
         if greedy:
             return logits.argmax(-1), None
         probs = probs_from_logits(logits, temperature, top_p)
-        return draw(probs), probs
+        return draw(probs, uniforms(probs.shape[1])), probs
 
     h, pos, last, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
     x0 = pick(logits0)
@@ -357,7 +386,8 @@ def generate(
         """Emit a queued step's tokens and count its statistics, waiting for its results if need be."""
         nonlocal last_read
         tokens_list, n_acc_list, *lp = from_host(step.results, step.ready)
-        accepted = outputs.add_step(step.active, tokens_list, n_acc_list, [step.j] * bsz, lp[0] if logprobs else None)
+        accepted = outputs.add_step(step.rows, tokens_list, n_acc_list, [step.j] * len(step.rows),
+                                    lp[0] if logprobs else None)
         now = time.perf_counter()
         if counter is not None:
             # A step's time: from its queueing, or from the previous read when it was queued before that
@@ -366,6 +396,12 @@ def generate(
         last_read = now
 
     while not all(outputs.done):
+        keep = outputs.shrink(steps.batch_size)
+        if keep is not None:  # finished rows left the batch
+            x0, drafts, cur, rows, slot_rows = x0[keep], drafts[keep], cur[keep], rows[: len(keep)], slot_rows[keep]
+            q = None if q is None else q[keep]
+            if counter is not None:
+                counter.batch = len(keep)
         queued_at = time.perf_counter()
         # A step writes positions cur .. cur + j; near the end of the cache, verify fewer drafts. Steps
         # not read yet may have moved a row by up to their j + 1.
@@ -396,13 +432,13 @@ def generate(
                 p = probs_from_logits(logits0, temperature, top_p)
                 d = drafts[:, :j, None]
                 ok = accept_drafts(p[:, :j].gather(-1, d)[..., 0], q[:, :j].gather(-1, d)[..., 0],
-                                   torch.rand(bsz, j, device=device))
+                                   uniforms(j, dtype=torch.float32))
                 n_acc = leading_true(ok)
                 # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
                 q_pad = torch.cat([q[:, :j], torch.zeros_like(p[:, :1])], dim=1)
                 dist = torch.where((n_acc < j)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]),
                                    p[rows, n_acc])
-                nxt = draw(dist)
+                nxt = draw(dist, uniforms())
                 step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
                 step_tokens[rows, n_acc] = nxt
             drafts, q = draft(step.draft(h, start, n_acc, k_next, span=span))

@@ -305,6 +305,7 @@ class DecodeSteps:
         self.model = model
         self.compiled = compile
         self.forced_span: int | None = None  # see `spanning`
+        self.retire_rows = True  # see `batch_size`
         device = model.tok_embeddings.weight.device
         self.dynamic_span = compile and (device.type == "cpu" if dynamic_span is None else dynamic_span)
         self._slots = torch.empty(0, dtype=torch.uint8, device=device)  # windows are views of it
@@ -382,6 +383,21 @@ class DecodeSteps:
 
             self._compiled_fns[fn] = windowed
         return self._compiled_fns[fn]
+
+    def batch_size(self, rows: int) -> int | None:
+        """The batch a decoding loop runs `rows` running rows at once others have finished (None: keep
+        the batch as it is). Eager, exactly `rows`; compiled on a CPU, the next power of two, so that
+        rows leaving a batch of B compile at most log2(B) more graphs. Compiled on a GPU the batch
+        stays: a step of a few rows costs there about what a full batch's does, and each new batch
+        size would compile (and capture a CUDA graph) again. `retire_rows = False` keeps every batch
+        whole (finished rows ride along to the end)."""
+        if not self.retire_rows:
+            return None
+        if not self.compiled:
+            return rows
+        if self.model.tok_embeddings.weight.device.type != "cpu":
+            return None
+        return 1 << (rows - 1).bit_length()
 
     def span(self, end: int) -> int | None:
         """The cache span a compiled step attends when its rows write below slot `end` (see the module

@@ -387,9 +387,14 @@ def generate(
     def read(step: QueuedStep) -> None:
         """Emit a step's tokens and count its statistics, waiting for its results if need be."""
         tokens_list, n_acc_list, depth_list, *lp = from_host(step.results, step.ready)
-        outputs.add_step(step.active, tokens_list, n_acc_list, depth_list, lp[0] if logprobs else None)
+        outputs.add_step(step.rows, tokens_list, n_acc_list, depth_list, lp[0] if logprobs else None)
 
     while not all(outputs.done):
+        keep = outputs.shrink(steps.batch_size if steps is not None else lambda n: n)  # eager: exactly the rows left
+        if keep is not None:  # finished rows left the batch
+            x0, cur, rows = x0[keep], cur[keep], rows[: len(keep)]
+            t = Tree(t.parent[keep], t.depth[keep], t.rank[keep], t.tokens[keep])
+            q = None if q is None else q[keep]
         # The tree fills slots cur .. cur + size - 1; near the end of the cache, verify fewer nodes.
         furthest = outputs.furthest(in_flight)
         room = max_seq_len - furthest
@@ -441,7 +446,7 @@ def generate(
         model.move_cache_entries(start[:, None] + path, start[:, None] + torch.arange(n_path, device=device),
                                  extra_heads=False)  # they never saw the tree
         h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
-        pos = model.positions(start, bsz, n_path)
+        pos = model.positions(start, len(rows), n_path)
         t, q = drafter(draft_logits(model, h, pos, n_acc, drafter.depth), x0, temperature, top_p)
 
     tokens, lps = outputs.result(echo, prompt_logprobs)

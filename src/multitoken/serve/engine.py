@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from multitoken.model import Positions, Transformer
-from multitoken.sampling import check_sampling_args, probs_from_logits
+from multitoken.sampling import check_sampling_args, draw, probs_from_logits
 from multitoken.speculative import SpeculativeStats, accept_drafts, check_draft_heads, residual
 from multitoken.steps import draft_logits, leading_true
 
@@ -91,14 +91,6 @@ class Request:
     @property
     def greedy(self) -> bool:
         return self.params.temperature == 0
-
-
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: for probs (..., vocab) and uniforms u (...) in [0, 1), the token whose
-    cumulative interval holds u. Tokens of probability 0 are never drawn (right-side search)."""
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1).contiguous(), right=True)
-    return idx.squeeze(-1).clamp_max(probs.shape[-1] - 1)  # u * total can round up to total
 
 
 class Engine:
