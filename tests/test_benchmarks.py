@@ -131,3 +131,23 @@ def test_bench_step_breakdown_times_every_statement_of_the_compiled_step(tiny_ck
     assert "packed products" not in kinds and "ATen fallbacks" in kinds and "other Python" in kinds, result.stdout
     assert abs(sum(kinds.values()) - float(total.split()[0])) < 0.01, result.stdout
     assert len([line for line in out if line.startswith("  ") and not line.endswith("%")]) == 3, result.stdout
+
+
+
+def test_bench_speculative_finds_greedy_speculation_identical_at_every_batch_size(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_speculative.py"), "--ckpt-dir", str(tiny_ckpt),
+           "--batch-sizes", "1", "4", "--temperatures", "0", "--prompt-len", "8", "--new-tokens", "12", "--repeats", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:2] in (["0.0", "1"], ["0.0", "4"])]
+    assert len(rows) == 2 and all(r[-1] == "yes" for r in rows), result.stdout
+
+
+def test_bench_retire_times_rows_leaving_and_kept_beside_plain(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_retire.py"), "--ckpt-dir", str(tiny_ckpt),
+           "--batch-size", "4", "--prompt-len", "8", "--new-tokens", "12", "--repeats", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    modes = [line.rsplit(None, 2)[0] for line in result.stdout.splitlines()[-4:-1]]
+    assert modes == ["plain", "rows leave", "rows kept"], result.stdout
+    assert result.stdout.splitlines()[-1] == "greedy identical: yes"

@@ -100,6 +100,9 @@ class Llama:
         a short generation compiles span s ahead), then no per-step Python work that grows with the model.
         `mode` is torch.compile's ("reduce-overhead": CUDA graphs on a GPU). Outputs are those of eager decoding up to the
         compiler's floating-point reassociation. Greedy tree steps compile too (tree.greedy_tree_step).
+        Self-speculative rows that finish leave the batch (`DecodeSteps.batch_size`): on a CPU a batch
+        of B then also compiles its steps for the powers of two below B as it shrinks
+        (`self.steps.retire_rows = False` keeps batches whole).
         `rowwise`, `fuse`, `freeze` and `cpu_kernels`: see DecodeSteps."""
         self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse, freeze=freeze,
                                  cpu_kernels=cpu_kernels)
