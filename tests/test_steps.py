@@ -156,7 +156,13 @@ def test_rows_that_finish_leave_eager_batches_at_once_and_compiled_cpu_ones_by_p
     model = random_model(tiny_args(n_layers=4), seed=1).eval()
     model.setup_caches(16, 32)
     assert [DecodeSteps(model).batch_size(n) for n in (1, 3, 5, 16)] == [1, 3, 5, 16]
-    assert [DecodeSteps(model, compile=True).batch_size(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    compiled = DecodeSteps(model, compile=True)
+    assert [compiled.batch_size(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    compiled.device = torch.device("cuda")  # compiled GPU steps keep the batch (each size would compile again)
+    assert compiled.batch_size(3) is None
+    eager = DecodeSteps(model)
+    eager.retire_rows = False
+    assert eager.batch_size(3) is None
 
 
 @pytest.mark.slow

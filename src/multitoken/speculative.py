@@ -8,7 +8,9 @@ greedy decoding token for token; at temperature > 0 drafts pass speculative reje
 (Leviathan et al. 2023), so the output follows the plain sampling distribution exactly.
 
 Each row of a batch sits at its own position and accepts its own number of drafts; per-row
-attention masks hide the stale cache entries that rejected drafts leave behind.
+attention masks hide the stale cache entries that rejected drafts leave behind. Rows end at different
+steps, and a row that has ended leaves the batch (`Outputs.shrink`): the steps after it run the rows
+still going, which on a CPU costs less than running the whole batch until its slowest row ends.
 """
 
 from __future__ import annotations

@@ -308,6 +308,7 @@ class DecodeSteps:
         self.retire_rows = True  # see `batch_size`
         device = model.tok_embeddings.weight.device
         self.dynamic_span = compile and (device.type == "cpu" if dynamic_span is None else dynamic_span)
+        self.device = device
         self._slots = torch.empty(0, dtype=torch.uint8, device=device)  # windows are views of it
         # Wall times of self-speculative steps by (batch, drafts), for draft_heads="auto" (speculative.py):
         # kept with the steps, so they are learnt once per model and machine.
@@ -395,7 +396,7 @@ class DecodeSteps:
             return None
         if not self.compiled:
             return rows
-        if self.model.tok_embeddings.weight.device.type != "cpu":
+        if self.device.type != "cpu":
             return None
         return 1 << (rows - 1).bit_length()
 
