@@ -32,7 +32,8 @@ def main() -> None:
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--tokenizer-path", type=Path, help="default: CKPT/tokenizer.model")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--prompts", type=int, default=None, help="prompts decoded, batch-size at a time (default: one batch)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="prompts decoded, batch-size at a time (default: one batch)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -40,7 +41,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="compiled fixed-shape decode steps (the first round compiles)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled fixed-shape decode steps (the first round compiles)")
     a = p.parse_args()
 
     if a.threads:

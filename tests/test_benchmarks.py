@@ -136,7 +136,8 @@ def test_bench_step_breakdown_times_every_statement_of_the_compiled_step(tiny_ck
 
 def test_bench_speculative_finds_greedy_speculation_identical_at_every_batch_size(tiny_ckpt):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_speculative.py"), "--ckpt-dir", str(tiny_ckpt),
-           "--batch-sizes", "1", "4", "--temperatures", "0", "--prompt-len", "8", "--new-tokens", "12", "--repeats", "1"]
+           "--batch-sizes", "1", "4", "--temperatures", "0", "--prompt-len", "8", "--new-tokens", "12",
+           "--repeats", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:2] in (["0.0", "1"], ["0.0", "4"])]

@@ -71,7 +71,8 @@ def test_finished_rows_leave_the_batch(monkeypatch):
     expected = [llama.generate([p], 20, temperature=0)[0][0] for p in prompts]
     assert len({len(r) for r in expected}) > 1
     sizes, trunk = [], llama.model.forward_trunk
-    monkeypatch.setattr(llama.model, "forward_trunk", lambda tokens, pos: sizes.append(tokens.shape[0]) or trunk(tokens, pos))
+    monkeypatch.setattr(llama.model, "forward_trunk",
+                        lambda tokens, pos: sizes.append(tokens.shape[0]) or trunk(tokens, pos))
     assert llama.generate(prompts, 20, temperature=0, tree=16)[0] == expected
     assert sizes[0] == 4 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 3
 

@@ -76,10 +76,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 def draw(probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """One id per row of probs (..., vocab), drawn with its probability: inverse-CDF sampling with one
-    uniform per row (`u`, float64 (...,) in [0, 1); default: fresh draws). torch.multinomial draws an exponential per vocabulary entry, which on a CPU costs
-    more than the rest of a sampling step (0.6 ms for 4 rows of 4096 here, 8 ms at 49152). Ids of
-    probability zero are never drawn. For the self-speculative paths, whose output must follow the
-    distribution, not the reference's draws (plain `sample` keeps those)."""
+    uniform per row (`u` (...) in [0, 1); default: fresh float64 draws). torch.multinomial draws an
+    exponential per vocabulary entry, which on a CPU costs more than the rest of a sampling step (0.6 ms
+    for 4 rows of 4096 here, 8 ms at 49152). Ids of probability zero are never drawn. For the
+    self-speculative paths and the server, whose output must follow the distribution, not the
+    reference's draws (plain `sample` keeps those)."""
     cdf = probs.double().cumsum(-1)
     if u is None:
         u = torch.rand(*cdf.shape[:-1], dtype=cdf.dtype, device=cdf.device)

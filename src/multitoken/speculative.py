@@ -185,10 +185,11 @@ class Outputs:
 
     def shrink(self, batch_size: Callable[[int], int | None]) -> torch.Tensor | None:
         """Retire finished rows when the rows still running fit a smaller batch (`batch_size(n)` slots
-        for n rows; None: keep the batch): a batch otherwise runs at full size until its slowest row ends, and on a CPU a
-        step's cost grows with its rows. Moves the running rows' KV caches to the first slots and
-        returns, for each new slot, the old slot whose per-row state it takes (the caller gathers its
-        tensors with it; slots past the running rows repeat one and ride along); None if the batch stays."""
+        for n rows; None: keep the batch): a batch otherwise runs at full size until its slowest row
+        ends, and on a CPU a step's cost grows with its rows. Moves the running rows' KV caches to the
+        first slots and returns, for each new slot, the old slot whose per-row state it takes (the
+        caller gathers its tensors with it; slots past the running rows repeat one and ride along);
+        None if the batch stays."""
         live = [s for s, r in enumerate(self.slots) if r is not None and not self.done[r]]
         size = batch_size(len(live)) if live else None
         if size is None or size >= len(self.slots):

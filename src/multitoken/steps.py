@@ -386,12 +386,12 @@ class DecodeSteps:
         return self._compiled_fns[fn]
 
     def batch_size(self, rows: int) -> int | None:
-        """The batch a decoding loop runs `rows` running rows at once others have finished (None: keep
-        the batch as it is). Eager, exactly `rows`; compiled on a CPU, the next power of two, so that
-        rows leaving a batch of B compile at most log2(B) more graphs. Compiled on a GPU the batch
-        stays: a step of a few rows costs there about what a full batch's does, and each new batch
-        size would compile (and capture a CUDA graph) again. `retire_rows = False` keeps every batch
-        whole (finished rows ride along to the end)."""
+        """The batch size at which a decoding loop runs its `rows` unfinished rows once others have
+        finished (None: keep the batch as it is). Eager, exactly `rows`; compiled on a CPU, the next
+        power of two, so that rows leaving a batch of B compile at most log2(B) more graphs. Compiled
+        on a GPU the batch stays: a step of a few rows costs there about what a full batch's does, and
+        each new batch size would compile (and capture a CUDA graph) again. `retire_rows = False`
+        keeps every batch whole (finished rows ride along to the end)."""
         if not self.retire_rows:
             return None
         if not self.compiled:
