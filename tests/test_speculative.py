@@ -283,6 +283,20 @@ def test_draft_count_times_each_count_before_trusting_it_and_retries_stale_posit
     assert counter.choose() == 2
 
 
+def test_draft_count_after_rows_left_the_batch_rates_counts_by_the_larger_batch_until_timed():
+    times = {**_timed({1: 1.0, 2: 1.2}, batch=4), **_timed({1: 9.0}, batch=8)}
+    counter = speculative.DraftCount(2, 4, times)
+    for _ in range(50):  # every draft accepted
+        counter.observe(2, [2], None)
+    counter.batch = 2  # rows finished: no count is tried again, each is rated by the batch of 4's times
+    assert counter.choose() == 2 and counter.cost(1) == 1.0
+    counter.observe(2, [2], 0.5)
+    counter.observe(2, [2], 0.5)  # the first time at a size includes compiling
+    assert times[(2, 2)].cost == 0.5 and counter.cost(2) == 0.5
+    counter.batch = 16  # no larger batch timed: try every count
+    assert counter.choose() == 2 and counter.cost(2) is None
+
+
 def test_draft_count_changes_only_for_a_clear_gain():
     times = _timed({1: 1.0, 2: 1.45})
     counter = speculative.DraftCount(2, 1, times)

@@ -88,9 +88,10 @@ class DraftCount:
     """`draft_heads="auto"`: how many drafts the next step verifies, the count j of most expected tokens
     per second. A step verifying j drafts yields E(j) = 1 + sum over i <= j of a_1 * .. * a_i tokens
     per row, a_i being draft position i's acceptance given that the drafts before it passed, and costs
-    what steps verifying (and drafting) j took at this batch size. Fewer drafts pay where they are
-    rarely accepted or where extra tokens are not nearly free (large batches on a CPU). Greedy output
-    is the same for every j; sampling keeps its distribution (j never depends on the step's draws).
+    what steps verifying (and drafting) j took at this batch size (`cost`). Fewer drafts pay where
+    they are rarely accepted or where extra tokens are not nearly free (large batches on a CPU).
+    Greedy output is the same for every j; sampling keeps its distribution (j never depends on the
+    step's draws).
 
     Acceptance counts decay each step toward an optimistic prior (every draft accepted), so a position
     left unverified for a while is tried again. Step times live in `times` (`DecodeSteps.step_times`,
@@ -113,15 +114,23 @@ class DraftCount:
             total += run
         return total
 
+    def cost(self, j: int) -> float | None:
+        """What a step verifying j drafts costs at this batch size, or else at the nearest larger one
+        timed: a batch that finished rows have left (`Outputs.shrink`) costs no more than it did, and
+        trying every count again at each size would compile a graph for each under compile."""
+        timed = [(b, t.cost) for (b, jj), t in self.times.items()
+                 if jj == j and b >= self.batch and t.cost is not None]
+        return min(timed)[1] if timed else None
+
     def choose(self) -> int:
         """The draft count for the next step."""
         rates = {}
         for j in range(self.k, 0, -1):
-            times = self.times.get((self.batch, j))
-            if times is None or times.cost is None:
+            cost = self.cost(j)
+            if cost is None:
                 self.current = j  # not timed yet
                 return j
-            rates[j] = self.expected_tokens(j) / times.cost
+            rates[j] = self.expected_tokens(j) / cost
         best = max(rates, key=rates.get)
         if self.current is None or rates[best] > (1 + self.margin) * rates[self.current]:
             self.current = best
