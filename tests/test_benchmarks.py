@@ -133,7 +133,6 @@ def test_bench_step_breakdown_times_every_statement_of_the_compiled_step(tiny_ck
     assert len([line for line in out if line.startswith("  ") and not line.endswith("%")]) == 3, result.stdout
 
 
-
 def test_bench_speculative_finds_greedy_speculation_identical_at_every_batch_size(tiny_ckpt):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_speculative.py"), "--ckpt-dir", str(tiny_ckpt),
            "--batch-sizes", "1", "4", "--temperatures", "0", "--prompt-len", "8", "--new-tokens", "12",
