@@ -188,6 +188,7 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens():
     # "auto" verifies 1, 2 or 3 drafts per step: a compiled graph each, the same tokens.
     assert compiled.generate(PROMPTS, 24, temperature=0, speculative=True, draft_heads="auto")[0] == expected
     assert {j for b, j in compiled.steps.step_times if b == len(PROMPTS)} == {1, 2, 3}
+    assert {b for b, j in compiled.steps.step_times} == {len(PROMPTS)}  # compiled "auto" keeps the batch whole
     sampled, _ = compiled.generate(PROMPTS, 24, temperature=0.8, speculative=True)
     assert all(len(s) <= 24 and all(0 <= t < 300 for t in s) for s in sampled) and any(sampled)
 

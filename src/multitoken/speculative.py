@@ -117,7 +117,8 @@ class DraftCount:
     def cost(self, j: int) -> float | None:
         """What a step verifying j drafts costs at this batch size, or else at the nearest larger one
         timed: a batch that finished rows have left (`Outputs.shrink`) costs no more than it did, and
-        trying every count again at each size would compile a graph for each under compile."""
+        trying every count again at each size (an eager batch passes through every size as its rows
+        end) would spend its last steps on trials."""
         timed = [(b, t.cost) for (b, jj), t in self.times.items()
                  if jj == j and b >= self.batch and t.cost is not None]
         return min(timed)[1] if timed else None
@@ -407,8 +408,11 @@ def generate(
             counter.observe(step.j, accepted, now - max(step.queued_at, last_read) if step.j == step.k_next else None)
         last_read = now
 
+    # Under compile, "auto" keeps the batch whole: each count at each batch size would be a graph of its
+    # own, compiled in the middle of decoding (a benchmark at batch 16 spent most of its time compiling).
+    batch_size = (lambda n: None) if auto and steps.compiled else steps.batch_size
     while not all(outputs.done):
-        keep = outputs.shrink(steps.batch_size)
+        keep = outputs.shrink(batch_size)
         if keep is not None:  # finished rows left the batch
             x0, drafts, cur, rows, slot_rows = x0[keep], drafts[keep], cur[keep], rows[: len(keep)], slot_rows[keep]
             q = None if q is None else q[keep]
