@@ -102,7 +102,7 @@ class Llama:
         compiler's floating-point reassociation. Greedy tree steps compile too (tree.greedy_tree_step).
         Self-speculative rows that finish leave the batch (`DecodeSteps.batch_size`): on a CPU a batch
         of B then also compiles its steps for the powers of two below B as it shrinks
-        (`self.steps.retire_rows = False` keeps batches whole).
+        (`self.steps.retire_rows = False` keeps batches whole, as draft_heads="auto" does compiled).
         `rowwise`, `fuse`, `freeze` and `cpu_kernels`: see DecodeSteps."""
         self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse, freeze=freeze,
                                  cpu_kernels=cpu_kernels)
