@@ -140,6 +140,7 @@ def train(
     init_from: Path | None = None,
     add_heads: int = 0,
     freeze_trunk: bool = False,
+    soft_targets: bool = False,
     steps: int = 1000,
     batch_size: int = 8,
     seq_len: int = 256,
@@ -187,10 +188,12 @@ def train(
             raise SystemExit(f"error: {name} must be at least 1, got {value}")
     cfg = TrainConfig(out=out, steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
                       warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, head_weights=head_weights,
-                      loss_chunk=loss_chunk, per_head_backward=not all_logits, freeze_trunk=freeze_trunk, bf16=bf16,
-                      compile=compile, save_every=save_every, keep=keep, eval_every=eval_every,
-                      eval_batches=eval_batches, seed=seed, max_bad_steps=max_bad_steps, progress=not no_progress,
-                      extra={"head_weights": head_weights})
+                      loss_chunk=loss_chunk, per_head_backward=not all_logits, freeze_trunk=freeze_trunk,
+                      soft_targets=soft_targets, bf16=bf16, compile=compile, save_every=save_every, keep=keep,
+                      eval_every=eval_every, eval_batches=eval_batches, seed=seed, max_bad_steps=max_bad_steps,
+                      progress=not no_progress,
+                      # Recorded for resume checks (soft targets only when on: older runs lack the key).
+                      extra={"head_weights": head_weights, **({"soft_targets": True} if soft_targets else {})})
     try:
         trainer = run(cfg, tokenizer_path=tokenizer_path, data_paths=data, glob=glob, text_field=text_field,
             val_fraction=val_fraction, cache_dir=cache_dir, val_data=val_data, shape=shape, init_from=init_from,
@@ -518,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="init_from", type=Path, help="start from this checkpoint folder")
     p.add_argument("--add-heads", type=int, default=0, help="with --from: add K heads, copies of the next-token head")
     p.add_argument("--freeze-trunk", action="store_true", help="with --from: train the extra heads only (the model's own output stays exactly as it was)")
+    p.add_argument("--soft-targets", action="store_true",
+                   help="extra heads learn the next-token head's distribution over the token they predict rather than "
+                        "the text's token (self-distillation; drafts then suit sampling too); usually with --freeze-trunk")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run counts on)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")

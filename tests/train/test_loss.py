@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model, tiny_args
-from multitoken.train.loss import IGNORE, forward_backward, head_targets
+from multitoken.train.loss import IGNORE, forward_backward, head_targets, soft_head_targets
 
 
 def _batch(seed: int, bsz: int = 2, seq: int = 12, extra: int = 1, vocab: int = 300):
@@ -70,6 +70,55 @@ def test_per_head_backward_gives_the_plain_gradients_in_float64(chunk):
         loss, _ = forward_backward(model, inputs, labels, weights=weights, per_head_backward=per_head, chunk=chunk)
         assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
         _assert_same_grads(_grads(model), expected)
+
+
+def _reference_soft_loss(model, inputs, labels):
+    """Soft targets by the definition: head i >= 1 at t against the next-token head's distribution at
+    t + i (a constant), for every t with a target whose t + i is an input position; head 0 as before."""
+    logits = model(inputs, return_all_heads=True)  # (B, S, n, V)
+    teacher = logits[:, :, 0].detach().softmax(-1)
+    seq = inputs.shape[1]
+    total, per_head, hits = _reference_loss(model, inputs, labels)[1][0], [], []
+    per_head.append(total)
+    for i in range(1, model.n_future_tokens):
+        m = min(seq - i, labels.shape[1] - i)
+        lp = logits[:, :m, i].log_softmax(-1)
+        ce = -(teacher[:, i : i + m] * lp).sum(-1).mean()
+        per_head.append(ce)
+        hits.append((lp.argmax(-1) == teacher[:, i : i + m].argmax(-1)).double().mean().item())
+        total = total + ce
+    return total, per_head, hits
+
+
+@pytest.mark.parametrize("extra", [1, 3])
+def test_soft_targets_match_the_definition_and_the_per_head_gradients(extra):
+    model = random_model(tiny_args(), dtype=torch.float64)
+    inputs, labels = _batch(6, extra=extra)
+    ref, ref_heads, ref_hits = _reference_soft_loss(model, inputs, labels)
+    ref.backward()
+    expected = _grads(model)
+    for per_head, chunk in ((True, None), (True, 5), (False, None)):
+        model.zero_grad(set_to_none=True)
+        loss, stats = forward_backward(model, inputs, labels, per_head_backward=per_head, chunk=chunk,
+                                       soft_targets=True)
+        assert stats.count.tolist() == [2 * min(12, 12 + extra - 1)] + [2 * (12 - i) for i in (1, 2)]
+        torch.testing.assert_close(torch.tensor(stats.losses, dtype=torch.float64),
+                                   torch.stack(ref_heads).detach().double(), rtol=1e-6, atol=0)
+        assert stats.accuracies[1:] == pytest.approx(ref_hits)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+        # The logits are float32 (Transformer.logits); summed in another order than the reference's.
+        _assert_same_grads(_grads(model), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_soft_targets_differ_from_token_targets_and_are_the_teacher_shifted():
+    model = random_model(tiny_args(), dtype=torch.float64)
+    inputs, labels = _batch(7)
+    hard, _ = forward_backward(model, inputs, labels, backward=False)
+    soft, _ = forward_backward(model, inputs, labels, backward=False, soft_targets=True)
+    assert soft.item() != pytest.approx(hard.item(), rel=1e-3)
+    teacher = torch.rand(1, 4, 3)
+    got = soft_head_targets(teacher, torch.tensor([[1, 2, IGNORE, IGNORE]]), 1)
+    assert torch.equal(got[0, :2], teacher[0, 1:3]) and not got[0, 2:].any()
 
 
 def test_gradient_accumulation_over_two_micro_batches_matches_the_plain_path():

@@ -168,12 +168,14 @@ def test_add_heads_copies_the_next_token_head_and_keeps_its_predictions():
     assert torch.equal(logits[:, :, 1], logits[:, :, 2])
 
 
-def test_freeze_trunk_trains_only_the_added_heads(tmp_path):
+@pytest.mark.parametrize("soft", [[], ["--soft-targets"]])
+def test_freeze_trunk_trains_only_the_added_heads(tmp_path, soft):
     src = tmp_path / "n1"
     save_model(random_model(tiny_args(n_future_tokens=1, n_layers=3, vocab_size=259)), src)
     before = load_model(src).state_dict()
     out = tmp_path / "heads"
-    argv = _train_argv(out, tmp_path / "cache", "--from", str(src), "--add-heads", "1", "--freeze-trunk", steps=2)
+    argv = _train_argv(out, tmp_path / "cache", "--from", str(src), "--add-heads", "1", "--freeze-trunk", *soft,
+                       steps=2)
     for flag in TINY[::2]:
         i = argv.index(flag)
         del argv[i : i + 2]
@@ -185,6 +187,9 @@ def test_freeze_trunk_trains_only_the_added_heads(tmp_path):
         assert torch.equal(after[k], v), k
     assert any(not torch.equal(after["extra_heads.0." + k[len(head0):]], v) for k, v in before.items()
                if k.startswith(head0))
+    if soft:  # a run with soft targets resumes only with them
+        with pytest.raises(SystemExit, match="soft_targets"):
+            main([a for a in argv if a != "--soft-targets"] + ["--resume", "--steps", "3"])
 
 
 def _tiny_trainer(tmp_path, seq_len: int = 16, **cfg) -> Trainer:

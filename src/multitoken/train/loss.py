@@ -5,7 +5,11 @@ Head i (0-based) at position t predicts token t + 1 + i. `labels` are next-token
 whose target lies past the end of `labels` are ignored. Passing windows of S + 1 tokens gives every head
 the same inputs and drops the last i positions of head i; passing S + n gives every head all S targets.
 
-The loss is sum_i w_i * mean_t CE(head i at t, token t + 1 + i) (w_i = 1 by default).
+The loss is sum_i w_i * mean_t CE(head i at t, token t + 1 + i) (w_i = 1 by default). With
+`soft_targets` the extra heads (i >= 1) learn a distribution instead of a token: the next-token head's
+at t + i, which predicts the same token t + 1 + i from the text up to it (self-distillation). A
+temperature rescales the logits of both alike, so heads that match the next-token head's logits draft
+well for self-speculative sampling at any temperature, not only for greedy decoding.
 
 `ntoken_loss` runs it the paper's way: the trunk once, then each head forward -> loss -> gradient into a
 detached copy of the trunk output (so only one head's logits are alive at a time); the loss it returns
@@ -67,9 +71,22 @@ def _check(model: Transformer, inputs: torch.Tensor, labels: torch.Tensor, weigh
     return weights
 
 
+def soft_head_targets(teacher: torch.Tensor, hard: torch.Tensor, i: int) -> torch.Tensor:
+    """Head i's soft targets (batch, seq, vocab): the teacher's probabilities (batch, seq, vocab) at
+    t + i, a row of zeros where head i has no target (`hard`, its token targets, is IGNORE)."""
+    t = teacher[:, i:]
+    t = F.pad(t, (0, 0, 0, hard.shape[1] - t.shape[1]))
+    return t * (hard != IGNORE)[..., None]
+
+
 def _ce_sums(model: Transformer, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy and top-1 hits of one head's block output (batch, seq, dim)."""
+    """Summed cross-entropy and top-1 hits of one head's block output (batch, seq, dim) against token
+    targets (batch, seq), or against soft targets (batch, seq, vocab) (hits: the target's top token)."""
     logits = model.logits(out)
+    if target.is_floating_point():
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1), reduction="sum")
+        hits = (logits.detach().argmax(-1) == target.argmax(-1)) & (target.sum(-1) > 0)
+        return loss, hits.sum()
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
     correct = ((logits.detach().argmax(-1) == target) & (target != IGNORE)).sum()
     return loss, correct
@@ -128,6 +145,7 @@ def ntoken_loss(
     weights: list[float] | None = None,
     per_head_backward: bool = True,
     chunk: int | None = None,
+    soft_targets: bool = False,
 ) -> tuple[torch.Tensor, HeadStats]:
     """The weighted n-token loss of one micro-batch (float32, differentiable) and its per-head sums.
 
@@ -135,14 +153,22 @@ def ntoken_loss(
     into a detached copy of the trunk output before the next head, so only one head's logits are ever
     alive; the returned loss carries those gradients, and its backward continues into the trunk.
     Otherwise every head's logits stay alive until the backward (the plain path); both give the same
-    gradients.
+    gradients. `soft_targets`: the extra heads' targets are the next-token head's distributions (module
+    docstring); their sums are then soft cross-entropies, and their hits agreements with its top token.
     """
     weights = _check(model, inputs, labels, weights)
     n, seq = model.n_future_tokens, inputs.shape[1]
     targets = [head_targets(labels, i, seq) for i in range(n)]
+    if soft_targets:  # head i's last i positions have no teacher: it would need tokens past the inputs
+        targets[1:] = [F.pad(t[:, : seq - i], (0, i), value=IGNORE) for i, t in enumerate(targets[1:], 1)]
     counts = torch.stack([(t != IGNORE).sum() for t in targets])
     scales = [w / max(int(c), 1) for w, c in zip(weights, counts)]
     h = model.forward_trunk(inputs)
+    if soft_targets and n > 1:
+        with torch.no_grad():  # the teacher: a constant, whether or not the next-token head trains
+            teacher = model.logits(model.forward_head(0, h)).float().softmax(-1)
+        targets = targets[:1] + [soft_head_targets(teacher, targets[i], i) for i in range(1, n)]
+        del teacher
     losses, corrects = [], []
     if per_head_backward and torch.is_grad_enabled():
         h_in = h.detach().requires_grad_(h.requires_grad)
@@ -176,6 +202,7 @@ def forward_backward(
     loss_scale: float = 1.0,
     per_head_backward: bool = True,
     chunk: int | None = None,
+    soft_targets: bool = False,
     backward: bool = True,
 ) -> tuple[torch.Tensor, HeadStats]:
     """n-token loss of one micro-batch, and (with `backward`) the gradient of loss_scale * loss added
@@ -183,7 +210,7 @@ def forward_backward(
     weighted loss and the per-head sums."""
     with torch.set_grad_enabled(backward and torch.is_grad_enabled()):
         loss, stats = ntoken_loss(model, inputs, labels, weights=weights, per_head_backward=per_head_backward,
-                                  chunk=chunk)
+                                  chunk=chunk, soft_targets=soft_targets)
         if backward and loss.requires_grad:  # False when nothing trains
             (loss * loss_scale).backward()
     return loss.detach(), stats
@@ -194,13 +221,15 @@ class NTokenLoss(torch.nn.Module):
     single backward of the step follows."""
 
     def __init__(self, model: Transformer, weights: list[float] | None = None, per_head_backward: bool = True,
-                 chunk: int | None = None):
+                 chunk: int | None = None, soft_targets: bool = False):
         super().__init__()
         self.model, self.weights, self.per_head_backward, self.chunk = model, weights, per_head_backward, chunk
+        self.soft_targets = soft_targets
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         loss, s = ntoken_loss(self.model, inputs, labels, weights=self.weights,
-                              per_head_backward=self.per_head_backward, chunk=self.chunk)
+                              per_head_backward=self.per_head_backward, chunk=self.chunk,
+                              soft_targets=self.soft_targets)
         return loss, s.loss_sum, s.correct, s.count
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     loss_chunk: int | None = None  # positions per cross-entropy chunk (None: whole sequence)
     per_head_backward: bool = True
     freeze_trunk: bool = False
+    soft_targets: bool = False  # extra heads learn the next-token head's distributions (loss.py)
     bf16: bool = False
     compile: bool = False
     save_every: int = 100
@@ -250,7 +251,7 @@ class Trainer:
             for block in [*model.layers, *model.extra_heads]:
                 block.compile()  # per block: forward_trunk/forward_head call the blocks, not model.forward
         # The loss as a module: one forward and one backward per micro-batch, which is what DDP wraps.
-        self.loss = NTokenLoss(model, cfg.head_weights, cfg.per_head_backward, cfg.loss_chunk)
+        self.loss = NTokenLoss(model, cfg.head_weights, cfg.per_head_backward, cfg.loss_chunk, cfg.soft_targets)
         if world_size > 1:  # DDP: rank 0's weights to all, gradients averaged during the backward
             self.loss = DistributedDataParallel(self.loss, broadcast_buffers=False)
 
@@ -268,7 +269,7 @@ class Trainer:
     def _load(self, ckpt: Path) -> None:
         state = load_train_state(ckpt)
         mine = self.run_config()
-        diff = {k: (state["run"].get(k), v) for k, v in mine.items() if state["run"].get(k) != v}
+        diff = {k: (state["run"].get(k), mine.get(k)) for k in mine | state["run"] if state["run"].get(k) != mine.get(k)}
         if diff:
             detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume from {ckpt}: the run differs ({detail}). Resume with the same "
