@@ -140,7 +140,7 @@ def train(
     init_from: Path | None = None,
     add_heads: int = 0,
     freeze_trunk: bool = False,
-    soft_targets: bool = False,
+    soft_targets: float = 0.0,
     steps: int = 1000,
     batch_size: int = 8,
     seq_len: int = 256,
@@ -166,6 +166,8 @@ def train(
     """Train a multi-token prediction model (from scratch, from a checkpoint, or its heads only)."""
     from multitoken.train.trainer import NonFiniteError, TrainConfig, run
 
+    if not 0 <= soft_targets <= 1:
+        raise SystemExit(f"error: --soft-targets is the next-token head's share of the targets, in [0, 1]: got {soft_targets}")
     shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
              "n_future_tokens": n_future_tokens, "multiple_of": multiple_of}
     if init_from is not None:
@@ -193,7 +195,7 @@ def train(
                       eval_every=eval_every, eval_batches=eval_batches, seed=seed, max_bad_steps=max_bad_steps,
                       progress=not no_progress,
                       # Recorded for resume checks (soft targets only when on: older runs lack the key).
-                      extra={"head_weights": head_weights, **({"soft_targets": True} if soft_targets else {})})
+                      extra={"head_weights": head_weights, **({"soft_targets": soft_targets} if soft_targets else {})})
     try:
         trainer = run(cfg, tokenizer_path=tokenizer_path, data_paths=data, glob=glob, text_field=text_field,
             val_fraction=val_fraction, cache_dir=cache_dir, val_data=val_data, shape=shape, init_from=init_from,
@@ -521,9 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="init_from", type=Path, help="start from this checkpoint folder")
     p.add_argument("--add-heads", type=int, default=0, help="with --from: add K heads, copies of the next-token head")
     p.add_argument("--freeze-trunk", action="store_true", help="with --from: train the extra heads only (the model's own output stays exactly as it was)")
-    p.add_argument("--soft-targets", action="store_true",
-                   help="extra heads learn the next-token head's distribution over the token they predict rather than "
-                        "the text's token (self-distillation; drafts then suit sampling too); usually with --freeze-trunk")
+    p.add_argument("--soft-targets", type=float, default=0.0, metavar="SHARE",
+                   help="extra heads learn the next-token head's distribution over the token they predict, with this "
+                        "share (0-1; the rest: the text's token): self-distillation of whole distributions, so that "
+                        "drafts suit sampling too; usually with --freeze-trunk (default 0: the text's tokens only)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run counts on)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")

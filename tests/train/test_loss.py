@@ -100,7 +100,7 @@ def test_soft_targets_match_the_definition_and_the_per_head_gradients(extra):
     for per_head, chunk in ((True, None), (True, 5), (False, None)):
         model.zero_grad(set_to_none=True)
         loss, stats = forward_backward(model, inputs, labels, per_head_backward=per_head, chunk=chunk,
-                                       soft_targets=True)
+                                       soft_targets=1.0)
         assert stats.count.tolist() == [2 * min(12, 12 + extra - 1)] + [2 * (12 - i) for i in (1, 2)]
         torch.testing.assert_close(torch.tensor(stats.losses, dtype=torch.float64),
                                    torch.stack(ref_heads).detach().double(), rtol=1e-6, atol=0)
@@ -110,15 +110,28 @@ def test_soft_targets_match_the_definition_and_the_per_head_gradients(extra):
         _assert_same_grads(_grads(model), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_soft_targets_differ_from_token_targets_and_are_the_teacher_shifted():
+def test_a_share_of_soft_targets_mixes_the_two_losses():
     model = random_model(tiny_args(), dtype=torch.float64)
-    inputs, labels = _batch(7)
-    hard, _ = forward_backward(model, inputs, labels, backward=False)
-    soft, _ = forward_backward(model, inputs, labels, backward=False, soft_targets=True)
-    assert soft.item() != pytest.approx(hard.item(), rel=1e-3)
+    inputs, labels = _batch(7)  # S + 1 windows: soft and token targets cover the same positions
+    _, hard = forward_backward(model, inputs, labels, backward=False)
+    _, soft = forward_backward(model, inputs, labels, backward=False, soft_targets=1.0)
+    _, mixed = forward_backward(model, inputs, labels, backward=False, soft_targets=0.25)
+    assert soft.losses[0] == hard.losses[0] == mixed.losses[0]  # the next-token head keeps its tokens
+    assert soft.losses[1] != pytest.approx(hard.losses[1], rel=1e-3)
+    for i in (1, 2):  # cross-entropy is linear in the target
+        assert mixed.losses[i] == pytest.approx(0.25 * soft.losses[i] + 0.75 * hard.losses[i], rel=1e-6)
+    with pytest.raises(ValueError, match="soft_targets must be in"):
+        forward_backward(model, inputs, labels, backward=False, soft_targets=1.5)
+
+
+def test_soft_head_targets_are_the_teacher_shifted_and_mixed_with_the_token():
     teacher = torch.rand(1, 4, 3)
-    got = soft_head_targets(teacher, torch.tensor([[1, 2, IGNORE, IGNORE]]), 1)
+    hard = torch.tensor([[1, 2, IGNORE, IGNORE]])
+    got = soft_head_targets(teacher, hard, 1)
     assert torch.equal(got[0, :2], teacher[0, 1:3]) and not got[0, 2:].any()
+    half = soft_head_targets(teacher, hard, 1, 0.5)
+    torch.testing.assert_close(half[0, :2], 0.5 * teacher[0, 1:3] + 0.5 * torch.eye(3)[[1, 2]])
+    assert not half[0, 2:].any()
 
 
 def test_gradient_accumulation_over_two_micro_batches_matches_the_plain_path():

@@ -168,7 +168,7 @@ def test_add_heads_copies_the_next_token_head_and_keeps_its_predictions():
     assert torch.equal(logits[:, :, 1], logits[:, :, 2])
 
 
-@pytest.mark.parametrize("soft", [[], ["--soft-targets"]])
+@pytest.mark.parametrize("soft", [[], ["--soft-targets", "0.5"]])
 def test_freeze_trunk_trains_only_the_added_heads(tmp_path, soft):
     src = tmp_path / "n1"
     save_model(random_model(tiny_args(n_future_tokens=1, n_layers=3, vocab_size=259)), src)
@@ -189,7 +189,7 @@ def test_freeze_trunk_trains_only_the_added_heads(tmp_path, soft):
                if k.startswith(head0))
     if soft:  # a run with soft targets resumes only with them
         with pytest.raises(SystemExit, match="soft_targets"):
-            main([a for a in argv if a != "--soft-targets"] + ["--resume", "--steps", "3"])
+            main(argv[: argv.index("--soft-targets")] + argv[argv.index("--soft-targets") + 2 :] + ["--resume", "--steps", "3"])
 
 
 def _tiny_trainer(tmp_path, seq_len: int = 16, **cfg) -> Trainer:
@@ -250,6 +250,8 @@ def test_clear_errors(tmp_path, sp_model_path):
         main(["train", "--out", str(tmp_path / "b"), "--from", str(ckpt), "--tokenizer-path", "byte"])
     with pytest.raises(SystemExit, match="--from takes the model's shape .* --dim"):
         main(["train", "--out", str(tmp_path / "b"), "--from", str(ckpt), "--dim", "64"])
+    with pytest.raises(SystemExit, match="--soft-targets is the next-token head's share .* in \\[0, 1\\]: got 2"):
+        main(["train", "--out", str(tmp_path / "b"), "--from", str(ckpt), "--soft-targets", "2"])
     with pytest.raises(ValueError, match="seq_len=32 exceeds the model's maximum sequence length 16"):
         _tiny_trainer(tmp_path, seq_len=32)
     out = tmp_path / "run"

@@ -6,10 +6,11 @@ whose target lies past the end of `labels` are ignored. Passing windows of S + 1
 the same inputs and drops the last i positions of head i; passing S + n gives every head all S targets.
 
 The loss is sum_i w_i * mean_t CE(head i at t, token t + 1 + i) (w_i = 1 by default). With
-`soft_targets` the extra heads (i >= 1) learn a distribution instead of a token: the next-token head's
-at t + i, which predicts the same token t + 1 + i from the text up to it (self-distillation). A
-temperature rescales the logits of both alike, so heads that match the next-token head's logits draft
-well for self-speculative sampling at any temperature, not only for greedy decoding.
+`soft_targets` = s > 0 the extra heads (i >= 1) learn a distribution instead of a token: s times the
+next-token head's distribution at t + i, which predicts the same token t + 1 + i from the text up to
+it (self-distillation), plus 1 - s times the text's token. A temperature rescales the logits of both
+heads alike, so heads that match the next-token head's logits draft well for self-speculative sampling
+at any temperature; the token's share keeps their top choice sharp for greedy drafting.
 
 `ntoken_loss` runs it the paper's way: the trunk once, then each head forward -> loss -> gradient into a
 detached copy of the trunk output (so only one head's logits are alive at a time); the loss it returns
@@ -71,11 +72,14 @@ def _check(model: Transformer, inputs: torch.Tensor, labels: torch.Tensor, weigh
     return weights
 
 
-def soft_head_targets(teacher: torch.Tensor, hard: torch.Tensor, i: int) -> torch.Tensor:
-    """Head i's soft targets (batch, seq, vocab): the teacher's probabilities (batch, seq, vocab) at
-    t + i, a row of zeros where head i has no target (`hard`, its token targets, is IGNORE)."""
+def soft_head_targets(teacher: torch.Tensor, hard: torch.Tensor, i: int, share: float = 1.0) -> torch.Tensor:
+    """Head i's soft targets (batch, seq, vocab): `share` times the teacher's probabilities (batch, seq,
+    vocab) at t + i plus the rest on head i's token target (`hard`); a row of zeros where `hard` is
+    IGNORE (no target)."""
     t = teacher[:, i:]
     t = F.pad(t, (0, 0, 0, hard.shape[1] - t.shape[1]))
+    if share < 1:
+        t = share * t + (1 - share) * F.one_hot(hard.clamp(min=0), t.shape[-1])
     return t * (hard != IGNORE)[..., None]
 
 
@@ -145,7 +149,7 @@ def ntoken_loss(
     weights: list[float] | None = None,
     per_head_backward: bool = True,
     chunk: int | None = None,
-    soft_targets: bool = False,
+    soft_targets: float = 0.0,
 ) -> tuple[torch.Tensor, HeadStats]:
     """The weighted n-token loss of one micro-batch (float32, differentiable) and its per-head sums.
 
@@ -153,9 +157,12 @@ def ntoken_loss(
     into a detached copy of the trunk output before the next head, so only one head's logits are ever
     alive; the returned loss carries those gradients, and its backward continues into the trunk.
     Otherwise every head's logits stay alive until the backward (the plain path); both give the same
-    gradients. `soft_targets`: the extra heads' targets are the next-token head's distributions (module
-    docstring); their sums are then soft cross-entropies, and their hits agreements with its top token.
+    gradients. `soft_targets` in (0, 1]: the next-token head's share in the extra heads' targets (module
+    docstring); their sums are then soft cross-entropies, and their hits agreements with the targets'
+    top tokens.
     """
+    if not 0 <= soft_targets <= 1:
+        raise ValueError(f"soft_targets must be in [0, 1] (the next-token head's share), got {soft_targets}")
     weights = _check(model, inputs, labels, weights)
     n, seq = model.n_future_tokens, inputs.shape[1]
     targets = [head_targets(labels, i, seq) for i in range(n)]
@@ -167,7 +174,7 @@ def ntoken_loss(
     if soft_targets and n > 1:
         with torch.no_grad():  # the teacher: a constant, whether or not the next-token head trains
             teacher = model.logits(model.forward_head(0, h)).float().softmax(-1)
-        targets = targets[:1] + [soft_head_targets(teacher, targets[i], i) for i in range(1, n)]
+        targets = targets[:1] + [soft_head_targets(teacher, targets[i], i, soft_targets) for i in range(1, n)]
         del teacher
     losses, corrects = [], []
     if per_head_backward and torch.is_grad_enabled():
@@ -202,7 +209,7 @@ def forward_backward(
     loss_scale: float = 1.0,
     per_head_backward: bool = True,
     chunk: int | None = None,
-    soft_targets: bool = False,
+    soft_targets: float = 0.0,
     backward: bool = True,
 ) -> tuple[torch.Tensor, HeadStats]:
     """n-token loss of one micro-batch, and (with `backward`) the gradient of loss_scale * loss added
@@ -221,7 +228,7 @@ class NTokenLoss(torch.nn.Module):
     single backward of the step follows."""
 
     def __init__(self, model: Transformer, weights: list[float] | None = None, per_head_backward: bool = True,
-                 chunk: int | None = None, soft_targets: bool = False):
+                 chunk: int | None = None, soft_targets: float = 0.0):
         super().__init__()
         self.model, self.weights, self.per_head_backward, self.chunk = model, weights, per_head_backward, chunk
         self.soft_targets = soft_targets

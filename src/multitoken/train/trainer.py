@@ -51,7 +51,7 @@ class TrainConfig:
     loss_chunk: int | None = None  # positions per cross-entropy chunk (None: whole sequence)
     per_head_backward: bool = True
     freeze_trunk: bool = False
-    soft_targets: bool = False  # extra heads learn the next-token head's distributions (loss.py)
+    soft_targets: float = 0.0  # the next-token head's share in the extra heads' targets (loss.py)
     bf16: bool = False
     compile: bool = False
     save_every: int = 100
