@@ -5,17 +5,21 @@
 # was, and the heads learn what this model says next rather than what the corpus says (Medusa-2's
 # self-distillation), which is what self-speculative verification accepts.
 #
-#   bash recipes/default-model-heads/run.sh      # ~75 minutes on the 2-core CPU (docs/default_model.md)
+#   bash recipes/default-model-heads/run.sh      # ~45 + 20 minutes on the 2-core CPU (docs/default_model.md)
 #
-# The shipped heads are the second such distillation (2026-12-03): 8000 snippets continued in bf16,
-# 900 steps, starting from the first one's heads (2026-11-27: prompts.py's 2000 default snippets,
-# duplicates kept, continued in float32, 300 steps, starting from the pretraining run's heads).
+# The shipped heads are the third such distillation (2026-12-04): half the target is the next-token
+# head's whole distribution over the token each head predicts (--soft-targets 0.5), half the text's
+# token; 600 steps on the second distillation's text, from its heads. The second (2026-12-03): the
+# text's tokens, 8000 snippets continued in bf16, 900 steps from the first one's heads; the first
+# (2026-11-27): prompts.py's 2000 default snippets, duplicates kept, continued in float32, 300 steps,
+# from the pretraining run's heads.
 set -euo pipefail
 OUT=${OUT:-runs/default-model-heads}
 PROMPTS=${PROMPTS:-8000}
 PER_FILE=${PER_FILE:-14}
 DTYPE=${DTYPE:-bfloat16}
-STEPS=${STEPS:-900}
+STEPS=${STEPS:-600}
+SOFT=${SOFT:-0.5}
 WARMUP=${WARMUP:-30}
 EVERY=${EVERY:-300}
 HERE=$(dirname "$0")
@@ -31,11 +35,13 @@ if [ ! -f "$OUT/prompts.txt" ]; then
 fi
 [ -f "$OUT/distill.jsonl" ] || multitoken distill --ckpt-dir "$BASE" --prompts-file "$OUT/prompts.txt" \
     --out "$OUT/distill.jsonl" --temperature 0 --max-gen-len 192 --batch-size 16 --dtype "$DTYPE" --device cpu
-multitoken train --from "$BASE" --freeze-trunk --data "$OUT/distill.jsonl" --val-fraction 0.05 \
+multitoken train --from "$BASE" --freeze-trunk --soft-targets "$SOFT" --data "$OUT/distill.jsonl" --val-fraction 0.05 \
     --out "$OUT/run" --steps "$STEPS" --batch-size 16 --seq-len 256 --lr 1e-3 --warmup "$WARMUP" --bf16 \
     --eval-every "$EVERY" --save-every "$EVERY" --seed 0 --resume
 CKPT=$(ls -d "$OUT"/run/step-* | tail -1)
 multitoken convert --from-meta "$CKPT" --dtype bfloat16 --out "$OUT/model"
 cp "$BASE/tokenizer.model" "$OUT/model/"
+# The heads before and after: expected acceptance on the same text (greedy and sampled), then decoding.
+python "$HERE/acceptance.py" "$BASE" "$OUT/model" --threads 2
 python benchmarks/bench_tree.py --ckpt-dir "$BASE" --prompts 16 --trees 8 16 --new-tokens 128 --threads 2
 python benchmarks/bench_tree.py --ckpt-dir "$OUT/model" --prompts 16 --trees 8 16 --new-tokens 128 --threads 2
