@@ -167,7 +167,8 @@ def train(
     from multitoken.train.trainer import NonFiniteError, TrainConfig, run
 
     if not 0 <= soft_targets <= 1:
-        raise SystemExit(f"error: --soft-targets is the next-token head's share of the targets, in [0, 1]: got {soft_targets}")
+        raise SystemExit(f"error: --soft-targets is the next-token head's share of the targets, in [0, 1]: "
+                         f"got {soft_targets}")
     shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
              "n_future_tokens": n_future_tokens, "multiple_of": multiple_of}
     if init_from is not None:

@@ -269,7 +269,8 @@ class Trainer:
     def _load(self, ckpt: Path) -> None:
         state = load_train_state(ckpt)
         mine = self.run_config()
-        diff = {k: (state["run"].get(k), mine.get(k)) for k in mine | state["run"] if state["run"].get(k) != mine.get(k)}
+        theirs = state["run"]
+        diff = {k: (theirs.get(k), mine.get(k)) for k in mine | theirs if theirs.get(k) != mine.get(k)}
         if diff:
             detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume from {ckpt}: the run differs ({detail}). Resume with the same "
