@@ -81,10 +81,7 @@ def main() -> None:
         cells = []
         for t, text in texts.items():
             a = acceptance(model, text, t)
-            chain, run = torch.zeros_like(a[0]), torch.ones_like(a[0])
-            for rate in a:
-                run = run * rate
-                chain = chain + run
+            chain = torch.stack(a).cumprod(0).sum(0)  # a_1 + a_1 a_2 + a_1 a_2 a_3 at each position
             cells.append(f"T={t:g}: {1 + chain.mean().item():.3f} (" + " ".join(f"{r.mean().item():.3f}" for r in a) + ")")
         print(f"{str(ckpt):34s} " + "  ".join(cells), flush=True)
 
