@@ -6,7 +6,7 @@ import torch
 from multitoken import tree as tree_mod
 from multitoken.generation import Llama
 from multitoken.steps import DecodeSteps
-from multitoken.tree import Tree, best_tree, close_paths, static_tree, tree_positions
+from multitoken.tree import Tree, best_tree, close_paths, first_moved, static_tree, tree_positions
 from test_speculative import PROMPTS, _homogeneity_p_value, _llama
 
 STATIC = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 0]]
@@ -153,6 +153,14 @@ def test_tree_mask_and_positions_follow_ancestors():
     assert [row[:5] for row in mask] == [[1] * 5] * 4  # everyone sees the prompt
     assert [row[5:] for row in mask] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
     assert Tree(t.parent, t.depth, t.rank).children(2)[0].tolist() == [[1, 2], [3, -1], [-1, -1], [-1, -1]]
+
+
+def test_compaction_starts_at_the_first_node_out_of_its_slot():
+    # Node j of an accepted path belongs in slot j; past a row's draft count the path is padding.
+    assert first_moved(torch.tensor([[0, 1, 2, 3], [0, 1, 5, 6]]), torch.tensor([3, 3])) == 2
+    assert first_moved(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 9]]), torch.tensor([3, 2])) == 4
+    assert first_moved(torch.tensor([[0, 4, 9, 9]]), torch.tensor([1])) == 1
+    assert first_moved(torch.tensor([[0, 9, 9]]), torch.tensor([0])) == 3
 
 
 def test_clear_errors_for_bad_trees():

@@ -234,6 +234,14 @@ def tree_positions(model: Transformer, tree: Tree, start: torch.Tensor, max_dept
     return model.positions_at(slots, start[:, None] + tree.depth, mask)
 
 
+def first_moved(path: torch.Tensor, n_acc: torch.Tensor) -> int:
+    """The least depth j at which a row's accepted path (batch, depth + 1; n_acc (batch,) drafts) holds
+    another node than node j, whose keys/values sit in slot j: the path's entries before it are in
+    place already. path.shape[1] if every row's are (read on the host)."""
+    return min([j for row, n in zip(path.tolist(), n_acc.tolist()) for j in range(1, n + 1) if row[j] != j],
+               default=path.shape[1])
+
+
 def accept_greedy(tree: Tree, target: torch.Tensor, max_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The accepted path (batch, depth + 1) of node indices, root first, and its draft count
     (batch,), given the next-token head's argmax at every node (batch, nodes). A node passes when
@@ -443,8 +451,14 @@ def generate(
             break
 
         # Keep the accepted path: its keys/values into consecutive slots, its states for the extra heads.
-        model.move_cache_entries(start[:, None] + path, start[:, None] + torch.arange(n_path, device=device),
-                                 extra_heads=False)  # they never saw the tree
+        # Its nodes up to the first off the chain are in their slots already (node j of the chain sits in
+        # slot cur + j): most steps accept a stretch of the chain, and an eager move costs some 60
+        # operator calls.
+        first = first_moved(path, n_acc)
+        if first < n_path:
+            model.move_cache_entries(start[:, None] + path[:, first:],
+                                     start[:, None] + torch.arange(first, n_path, device=device),
+                                     extra_heads=False)  # they never saw the tree
         h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
         pos = model.positions(start, len(rows), n_path)
         t, q = drafter(draft_logits(model, h, pos, n_acc, drafter.depth), x0, temperature, top_p)
