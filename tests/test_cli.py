@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multitoken.checkpoint import load_model
+from multitoken.checkpoint import load_model, save_model
 from multitoken import steps as steps_mod
 from multitoken.cli import main
 from multitoken.generation import Llama
@@ -39,6 +39,24 @@ def test_generate_streams_the_same_text_as_the_api(tiny_ckpt, capsys):
     llama = Llama.build(tiny_ckpt, tiny_ckpt / "tokenizer.model", max_seq_len=64, max_batch_size=1)
     expected = llama.text_completion(["def main():"], temperature=0, max_gen_len=12)[0]["generation"]
     assert out == "def main():" + expected + "\n"
+
+
+def test_generate_says_when_it_builds_the_bf16_kernels(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from multitoken import kernels
+
+    bf16 = tmp_path / "bf16"
+    save_model(load_model(tiny_ckpt, dtype=torch.bfloat16), bf16)
+    (bf16 / "tokenizer.model").write_bytes((tiny_ckpt / "tokenizer.model").read_bytes())
+    # A host that can run the kernels and has not built them; the build itself is left out (float32).
+    monkeypatch.setattr(kernels, "supported", lambda: True)
+    monkeypatch.setattr(kernels, "built", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    argv = ["--temperature", "0", "--max-gen-len", "4", "--max-seq-len", "32", "--device", "cpu", "x"]
+    main(["generate", "--ckpt-dir", str(bf16), *argv])
+    assert "[building multitoken's bf16 CPU kernels" in capsys.readouterr().err
+    for other in (["--ckpt-dir", str(bf16), "--dtype", "float32"], ["--ckpt-dir", str(tiny_ckpt)]):
+        main(["generate", *other, *argv])  # not asked for bf16, or float32 weights: nothing to build
+        assert "building" not in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -162,3 +162,32 @@ def test_build_rejects_a_tokenizer_of_another_size(tiny_ckpt, tmp_path):
         Llama.build(tiny_ckpt, other, max_seq_len=32, max_batch_size=1)
     smaller = train_sentencepiece(stdlib_sources(100_000), 400, tmp_path / "smaller")
     assert Llama.build(tiny_ckpt, smaller, max_seq_len=32, max_batch_size=1).model.args.vocab_size == 512
+
+
+def test_auto_dtype_runs_bf16_weights_in_bf16_only_where_the_kernels_run(tiny_ckpt, tmp_path, monkeypatch):
+    from multitoken import kernels
+    from multitoken.checkpoint import load_model, save_model, stored_dtype
+
+    bf16 = tmp_path / "bf16"
+    save_model(load_model(tiny_ckpt, dtype=torch.bfloat16), bf16)
+    assert stored_dtype(bf16) == torch.bfloat16 and stored_dtype(tiny_ckpt) == torch.float32
+
+    def built(ckpt):
+        return Llama.build(ckpt, tiny_ckpt / "tokenizer.model", max_seq_len=32, max_batch_size=1, device="cpu",
+                           dtype="auto").model.output.weight.dtype
+
+    assert built(tiny_ckpt) == torch.float32  # float32 weights stay float32
+    assert built(bf16) == (torch.bfloat16 if kernels.available() else torch.float32)
+    monkeypatch.setenv("MULTITOKEN_KERNELS", "0")  # no kernels: ATen's bf16 is slower than float32 on a CPU
+    kernels.available.cache_clear()
+    try:
+        assert built(bf16) == torch.float32
+    finally:
+        monkeypatch.undo()
+        kernels.available.cache_clear()
+    # The released API's default is unchanged: float32 on a CPU.
+    assert Llama.build(bf16, tiny_ckpt / "tokenizer.model", max_seq_len=32, max_batch_size=1,
+                       device="cpu").model.output.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="needs the checkpoint folder"):
+        from multitoken.generation import default_device_and_dtype
+        default_device_and_dtype("cpu", "auto")

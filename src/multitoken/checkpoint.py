@@ -100,6 +100,18 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
 
 
+def stored_dtype(ckpt_dir: str | os.PathLike) -> torch.dtype:
+    """The dtype of a checkpoint's weights on disk (its embedding table's; the file is memory-mapped,
+    so no weight is read)."""
+    state = _load_file(_weight_files(Path(ckpt_dir))[0])
+    weight = state.get("tok_embeddings.weight")
+    if weight is None:
+        weight = next((v for v in state.values() if v.is_floating_point()), None)
+    if weight is None:
+        raise CheckpointError(f"{ckpt_dir}: the weights hold no floating-point tensor")
+    return weight.dtype
+
+
 def _merge_shards(shards: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
     parts = [s[key] for s in shards]
     if len(parts) == 1:

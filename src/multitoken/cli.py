@@ -21,7 +21,7 @@ def generate(
     seed: int = 1,
     max_seq_len: int = 2048,
     device: str | None = None,
-    dtype: str | None = None,
+    dtype: str = "auto",
     speculative: bool | None = None,
     draft_heads: int | str | None = None,
     tree: int | list[list[int]] | None = None,
@@ -40,6 +40,7 @@ def generate(
         raise SystemExit("error: no prompt given: pass PROMPT arguments or --prompts-file FILE")
     ckpt_dir = ckpt_dir or default_ckpt_dir()
     tokenizer_path = tokenizer_path or _find_tokenizer(ckpt_dir)
+    _say_if_building_kernels(ckpt_dir, device, dtype)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, seed=seed,
                         device=device, dtype=dtype, compile=compile)
     if speculative is None:  # on whenever the model has heads to draft with
@@ -348,7 +349,7 @@ def bench(
     tree: int | list[list[int]] | None = None,
     png: Path | None = None,
     device: str | None = None,
-    dtype: str | None = None,
+    dtype: str = "auto",
     compile: bool = False,
 ) -> None:
     """Speed report: plain vs self-speculative decoding, the chain and with --tree tree drafting too (tokens/s,
@@ -359,6 +360,7 @@ def bench(
 
     png = png or (ckpt_dir / "speed.png" if ckpt_dir else Path("speed.png"))  # not into the installed package
     ckpt_dir = ckpt_dir or default_ckpt_dir()
+    _say_if_building_kernels(ckpt_dir, device, dtype)
     llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir),
                         max_seq_len=prompt_len + new_tokens + cache_room(tree),
                         max_batch_size=max(batch_sizes), device=device, dtype=dtype, compile=compile)
@@ -383,7 +385,7 @@ def serve(
     model_name: str | None = None,
     shutdown_timeout: float = 30.0,
     device: str | None = None,
-    dtype: str | None = None,
+    dtype: str = "auto",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health, /metrics)."""
     import os
@@ -395,6 +397,7 @@ def serve(
     except ImportError as e:  # the optional serving dependencies
         raise SystemExit(f"error: {e}: install them with pip install 'multitoken[serve]'") from None
     ckpt_dir = ckpt_dir or default_ckpt_dir()
+    _say_if_building_kernels(ckpt_dir, device, dtype)
     server.serve(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir), host=host, port=port,
                  max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue, speculative=speculative,
                  draft_heads=draft_heads, api_key=api_key or os.environ.get("MULTITOKEN_API_KEY"),
@@ -444,6 +447,18 @@ def _find_tokenizer(ckpt_dir: Path) -> Path:
     )
 
 
+def _say_if_building_kernels(ckpt_dir: Path, device: str | None, dtype: str | None) -> None:
+    """--dtype auto on a CPU builds the bf16 kernels for bf16 weights the first time (~10 s): say so
+    before the pause."""
+    from multitoken import kernels
+    from multitoken.checkpoint import stored_dtype
+
+    on_cpu = torch.device(device).type == "cpu" if device else not torch.cuda.is_available()
+    if (dtype == "auto" and on_cpu and kernels.supported() and not kernels.built()
+            and stored_dtype(ckpt_dir) == torch.bfloat16):
+        print("[building multitoken's bf16 CPU kernels: once, ~10 s]", file=sys.stderr, flush=True)
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
@@ -463,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="random seed for sampling")
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length: prompt + generation")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto: bfloat16 on cuda; on cpu, bfloat16 for "
+                   "bfloat16 weights where the CPU has AVX-512 BF16 (about twice float32's speed), else float32")
     p.add_argument("--compile", action="store_true",
                    help="decode with torch.compile'd fixed-shape steps: faster after a first call that compiles (minutes on a CPU)")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
@@ -587,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure tree drafting: a node budget N (dynamic tree) or rank paths as JSON (static)")
     p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png, or ./speed.png for the shipped model)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto: bfloat16 on cuda; on cpu, bfloat16 for "
+                   "bfloat16 weights where the CPU has AVX-512 BF16 (about twice float32's speed), else float32")
     p.add_argument("--compile", action="store_true", help="decode with torch.compile'd fixed-shape steps (the warm-up compiles)")
     p.set_defaults(func=bench)
 
@@ -657,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before cancelling them")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto: bfloat16 on cuda; on cpu, bfloat16 for "
+                   "bfloat16 weights where the CPU has AVX-512 BF16 (about twice float32's speed), else float32")
     p.set_defaults(func=serve)
     return parser
 

@@ -27,17 +27,38 @@ class CompletionPrediction(TypedDict, total=False):
 
 
 def default_device_and_dtype(
-    device: str | torch.device | None, dtype: torch.dtype | str | None
+    device: str | torch.device | None, dtype: torch.dtype | str | None, ckpt_dir: str | os.PathLike | None = None
 ) -> tuple[torch.device, torch.dtype]:
-    """CUDA + bfloat16 when available, else CPU + float32; either may be given explicitly."""
+    """CUDA + bfloat16 when available, else CPU + float32; either may be given explicitly. dtype "auto"
+    (with the checkpoint's `ckpt_dir`) is the fastest dtype that loses nothing the weights hold
+    (`fast_dtype`)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if dtype == "auto":
+        if ckpt_dir is None:
+            raise ValueError('dtype="auto" needs the checkpoint folder (ckpt_dir) whose weights it reads')
+        dtype = fast_dtype(device, ckpt_dir)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype
+
+
+def fast_dtype(device: torch.device, ckpt_dir: str | os.PathLike) -> torch.dtype:
+    """bfloat16 on a GPU; on a CPU, bfloat16 for weights stored in bfloat16 where this CPU multiplies
+    bf16 natively and `multitoken.kernels` run (AVX-512 BF16: eager decoding of the shipped model
+    at twice float32's speed, and self-speculation still exact to the bit), else float32. The
+    kernels are built on first use (~10 s, once)."""
+    from multitoken import kernels
+    from multitoken.checkpoint import stored_dtype
+
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and stored_dtype(ckpt_dir) == torch.bfloat16 and kernels.available():
+        return torch.bfloat16
+    return torch.float32
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -64,9 +85,11 @@ class Llama:
     ) -> Llama:
         """Load a checkpoint and its tokenizer. `model_parallel_size` is accepted for compatibility with
         the release: shards are merged on load, so one process runs a checkpoint of any MP size.
-        `compile=True` decodes with compiled fixed-shape steps (see `Llama.compile`)."""
+        `compile=True` decodes with compiled fixed-shape steps (see `Llama.compile`). `dtype` defaults to
+        bfloat16 on a GPU and float32 on a CPU; "auto" keeps bf16 weights bf16 where the CPU computes
+        them natively (`fast_dtype`)."""
         torch.manual_seed(seed)
-        device, dtype = default_device_and_dtype(device, dtype)
+        device, dtype = default_device_and_dtype(device, dtype, ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)
         params_vocab = read_params(ckpt_dir).get("vocab_size", -1)
         # A larger embedding table than the tokenizer is common (padded vocabularies); a smaller one

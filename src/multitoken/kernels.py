@@ -80,16 +80,32 @@ def _attention_shape(q: torch.Tensor, k, v, mask: torch.Tensor | None) -> torch.
     return q.new_empty(*q.shape[:-3], q.shape[-2], q.shape[-3], q.shape[-1]).transpose(-3, -2)
 
 
+def supported() -> bool:
+    """Whether the kernels can run on this host (without building them): x86-64 Linux with AVX-512 BF16,
+    and not turned off (MULTITOKEN_KERNELS=0)."""
+    return (os.environ.get("MULTITOKEN_KERNELS", "1") != "0" and platform.system() == "Linux"
+            and platform.machine() == "x86_64" and "avx512_bf16" in _cpu_flags())
+
+
+def _so_path() -> Path:
+    # One build per source and torch version, kept across processes.
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MULTITOKEN_CACHE", Path.home() / ".cache" / "multitoken"))
+    return cache / "kernels" / key / "packed_linear.so"
+
+
+def built() -> bool:
+    """Whether a build of the kernels for this source and torch is cached (`available()` then loads it
+    at once rather than compiling for ~10 s)."""
+    return _so_path().exists()
+
+
 @functools.cache
 def available() -> bool:
     """Whether the kernel runs on this host (built and loaded on the first call)."""
-    if os.environ.get("MULTITOKEN_KERNELS", "1") == "0":
+    if not supported():
         return False
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or "avx512_bf16" not in _cpu_flags():
-        return False
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MULTITOKEN_CACHE", Path.home() / ".cache" / "multitoken"))
-    so_path = cache / "kernels" / key / "packed_linear.so"
+    so_path = _so_path()
     try:
         if not so_path.exists():
             log.info("building the packed bf16 kernel into %s", so_path)
