@@ -65,6 +65,26 @@ def test_kv_cache_decoding_equals_full_forward_for_all_heads(chunks):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_pairs_as_metas_complex_product_and_as_the_pairwise_formula(dtype):
+    from multitoken.model import apply_rope, precompute_rope
+
+    head_dim, theta = 16, 500.0
+    x = torch.randn(2, 5, 3, head_dim).to(dtype)
+    at = torch.tensor([[0, 1, 2, 3, 4], [7, 9, 30, 31, 2]])  # per-row positions
+    out = apply_rope(x, precompute_rope(head_dim, 32, theta)[at])
+    # Meta's reference: pairs as complex numbers times e^(i * position * theta^(-2j / head_dim)).
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    turn = torch.polar(torch.ones(32, head_dim // 2), torch.outer(torch.arange(32).float(), freqs))[at][:, :, None]
+    ref = torch.view_as_real(torch.view_as_complex(x.float().reshape(2, 5, 3, -1, 2)) * turn).flatten(-2)
+    torch.testing.assert_close(out.float(), ref.type_as(x).float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    # The same float32 numbers as (x0 cos - x1 sin, x0 sin + x1 cos), bit for bit.
+    angles = torch.outer(torch.arange(32).float(), freqs)[at][:, :, None]
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    pairwise = torch.stack([x0 * angles.cos() - x1 * angles.sin(), x0 * angles.sin() + x1 * angles.cos()], -1)
+    assert torch.equal(out, pairwise.flatten(-2).type_as(x))
+
+
 def test_caches_take_the_model_dtype_and_rope_stays_float32():
     model = random_model().to(torch.bfloat16)
     model.setup_caches(2, 16)
