@@ -6,8 +6,12 @@
   top_p, else a full sort) against the reference's full sort, on logits of a peaked distribution
   (where the top-k path applies) and a flat one (where it falls back); the drawn tokens are checked
   equal to the reference's, seed for seed.
+- the distribution the self-speculative paths test drafts against (`probs_from_logits`: the same
+  top-k shortcut, checking ties only at the cut; rows it cannot cut sorted one at a time) against
+  the reference's full sort scattered back to vocabulary order, checked bitwise equal.
 - drawing one token from a distribution: `multitoken.sampling.draw` (inverse CDF, the
   self-speculative paths) against torch.multinomial.
+"bf16" logits are the peaked ones rounded to bfloat16, as a bf16 model's are: many tie.
 Median of --repeats calls each, interleaved.
 """
 
@@ -30,6 +34,13 @@ def reference_sample(logits: torch.Tensor, temperature: float, top_p: float,
     probs_sort[probs_sum - probs_sort > top_p] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     return torch.gather(probs_idx, -1, torch.multinomial(probs_sort, 1, generator=generator))[..., 0]
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sort[probs_sort.cumsum(-1) - probs_sort > top_p] = 0.0
+    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort / probs_sort.sum(-1, keepdim=True))
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -56,16 +67,21 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, temperature {a.temperature}, top_p {a.top_p}")
     print(f"{'vocab':>6} {'rows':>4} {'logits':>7}   {'reference ms':>12} {'sample ms':>9} {'ratio':>6} {'same':>5}"
-          f"   {'multinomial ms':>14} {'draw ms':>7} {'ratio':>6}")
+          f"   {'ref. probs ms':>13} {'probs ms':>8} {'ratio':>6} {'same':>5}   {'multinomial ms':>14} {'draw ms':>7} {'ratio':>6}")
     for vocab in a.vocab:
         for rows in a.rows:
-            for kind, scale in (("peaked", 12.0), ("flat", 1.0)):
+            for kind, scale in (("peaked", 12.0), ("flat", 1.0), ("bf16", 12.0)):
                 logits = torch.randn(rows, vocab) * scale
+                if kind == "bf16":
+                    logits = logits.bfloat16().float()
                 seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
                 same = all(torch.equal(sample(logits, a.temperature, a.top_p, seeded(s)),
                                        reference_sample(logits, a.temperature, a.top_p, seeded(s))) for s in range(20))
                 probs = probs_from_logits(logits, a.temperature, a.top_p)
+                same_probs = torch.equal(probs, reference_probs(logits, a.temperature, a.top_p))
                 ms = median_ms({
+                    "reference probs": lambda: reference_probs(logits, a.temperature, a.top_p),
+                    "probs": lambda: probs_from_logits(logits, a.temperature, a.top_p),
                     "reference": lambda: reference_sample(logits, a.temperature, a.top_p, seeded(0)),
                     "sample": lambda: sample(logits, a.temperature, a.top_p, seeded(0)),
                     "multinomial": lambda: torch.multinomial(probs, 1),
@@ -73,6 +89,8 @@ def main() -> None:
                 }, a.repeats)
                 print(f"{vocab:>6} {rows:>4} {kind:>7}   {ms['reference']:>12.3f} {ms['sample']:>9.3f} "
                       f"{ms['reference'] / ms['sample']:>5.1f}x {'yes' if same else 'NO':>5}   "
+                      f"{ms['reference probs']:>13.3f} {ms['probs']:>8.3f} {ms['reference probs'] / ms['probs']:>5.1f}x "
+                      f"{'yes' if same_probs else 'NO':>5}   "
                       f"{ms['multinomial']:>14.3f} {ms['draw']:>7.3f} {ms['multinomial'] / ms['draw']:>5.1f}x")
 
 
