@@ -8,7 +8,7 @@ from multitoken import kernels
 from multitoken.generation import Llama
 from multitoken.kernels import ATTENTION_MAX_QUERIES, PACKED_MAX_ROWS, PackedLinear, attention, pack_weight, use_packed_matmuls
 from multitoken.model import scaled_dot_product
-from multitoken.steps import DecodeSteps, inference_products
+from multitoken.steps import DecodeSteps, block_products, inference_products
 from test_generation import IdTokenizer
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the packed kernel needs x86-64 Linux with avx512_bf16")
@@ -178,7 +178,9 @@ def test_steps_without_cpu_kernels_are_atens_again():
     model = random_model(dtype=torch.bfloat16)
     model.setup_caches(1, 32)
     steps = DecodeSteps(model)
-    assert steps.cpu_kernels and isinstance(model.layers[0].attention.wq, PackedLinear)
+    # The products a step runs: fused q, k, v (and w1, w3) by default, eagerly too.
+    assert steps.cpu_kernels and all(isinstance(m, PackedLinear) for m in block_products(model.layers[0]))
+    assert model.layers[0].attention.wqkv in block_products(model.layers[0])
     steps = DecodeSteps(model, cpu_kernels=False)
-    assert not steps.cpu_kernels and type(model.layers[0].attention.wq) is nn.Linear
+    assert not steps.cpu_kernels and all(type(m) is nn.Linear for m in block_products(model.layers[0]))
     assert model.layers[0].attention.sdpa is scaled_dot_product

@@ -6,7 +6,7 @@ from torch import nn
 from conftest import random_model, tiny_args
 from multitoken import steps as steps_mod
 from multitoken.generation import Llama
-from multitoken.model import Transformer, scaled_dot_product
+from multitoken.model import Attention, Transformer, scaled_dot_product
 from multitoken.steps import (
     ROWWISE_MAX_ROWS,
     DecodeSteps,
@@ -276,8 +276,12 @@ def test_fused_projections_keep_parameters_state_dict_and_outputs():
     # Cached decoding, extra heads at one selected token per row included: the same greedy tokens.
     for m in (model, reference):
         m.setup_caches(len(PROMPTS), 64)
-    fused, plain = Llama(model, IdTokenizer(eos_id=299, n_words=300)), Llama(reference, IdTokenizer(299, 300))
-    expected = plain.generate(PROMPTS, 20, temperature=0)[0]
+    fused = Llama(model, IdTokenizer(eos_id=299, n_words=300))
+    with pytest.MonkeyPatch.context() as m:  # decode steps fuse by default: keep the reference's products apart
+        m.setattr(steps_mod, "fuse_projections", lambda model: model)
+        plain = Llama(reference, IdTokenizer(299, 300))
+        expected = plain.generate(PROMPTS, 20, temperature=0)[0]
+    assert type(reference.layers[0].attention) is Attention
     assert fused.generate(PROMPTS, 20, temperature=0)[0] == expected
     assert fused.generate(PROMPTS, 20, temperature=0, speculative=True)[0] == expected
     assert fused.generate(PROMPTS, 20, temperature=0, tree=8)[0] == expected
