@@ -67,7 +67,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, temperature {a.temperature}, top_p {a.top_p}")
     print(f"{'vocab':>6} {'rows':>4} {'logits':>7}   {'reference ms':>12} {'sample ms':>9} {'ratio':>6} {'same':>5}"
-          f"   {'ref. probs ms':>13} {'probs ms':>8} {'ratio':>6} {'same':>5}   {'multinomial ms':>14} {'draw ms':>7} {'ratio':>6}")
+          f"   {'ref. probs ms':>13} {'probs ms':>8} {'ratio':>6} {'same':>5}"
+          f"   {'multinomial ms':>14} {'draw ms':>7} {'ratio':>6}")
     for vocab in a.vocab:
         for rows in a.rows:
             for kind, scale in (("peaked", 12.0), ("flat", 1.0), ("bf16", 12.0)):
@@ -89,7 +90,8 @@ def main() -> None:
                 }, a.repeats)
                 print(f"{vocab:>6} {rows:>4} {kind:>7}   {ms['reference']:>12.3f} {ms['sample']:>9.3f} "
                       f"{ms['reference'] / ms['sample']:>5.1f}x {'yes' if same else 'NO':>5}   "
-                      f"{ms['reference probs']:>13.3f} {ms['probs']:>8.3f} {ms['reference probs'] / ms['probs']:>5.1f}x "
+                      f"{ms['reference probs']:>13.3f} {ms['probs']:>8.3f} "
+                      f"{ms['reference probs'] / ms['probs']:>5.1f}x "
                       f"{'yes' if same_probs else 'NO':>5}   "
                       f"{ms['multinomial']:>14.3f} {ms['draw']:>7.3f} {ms['multinomial'] / ms['draw']:>5.1f}x")
 

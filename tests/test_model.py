@@ -77,7 +77,8 @@ def test_rope_rotates_pairs_as_metas_complex_product_and_as_the_pairwise_formula
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     turn = torch.polar(torch.ones(32, head_dim // 2), torch.outer(torch.arange(32).float(), freqs))[at][:, :, None]
     ref = torch.view_as_real(torch.view_as_complex(x.float().reshape(2, 5, 3, -1, 2)) * turn).flatten(-2)
-    torch.testing.assert_close(out.float(), ref.type_as(x).float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.type_as(x).float(), atol=atol, rtol=0)
     # The same float32 numbers as (x0 cos - x1 sin, x0 sin + x1 cos), bit for bit.
     angles = torch.outer(torch.arange(32).float(), freqs)[at][:, :, None]
     x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]

@@ -459,6 +459,10 @@ def _say_if_building_kernels(ckpt_dir: Path, device: str | None, dtype: str | No
         print("[building multitoken's bf16 CPU kernels: once, ~10 s]", file=sys.stderr, flush=True)
 
 
+AUTO_DTYPE_HELP = ("float32, bfloat16, float16 or auto: bfloat16 on cuda; on cpu, bfloat16 for bfloat16 weights where "
+                   "the CPU has AVX-512 BF16 (about twice float32's speed), else float32")
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
@@ -478,8 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="random seed for sampling")
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length: prompt + generation")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto: bfloat16 on cuda; on cpu, bfloat16 for "
-                   "bfloat16 weights where the CPU has AVX-512 BF16 (about twice float32's speed), else float32")
+    p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.add_argument("--compile", action="store_true",
                    help="decode with torch.compile'd fixed-shape steps: faster after a first call that compiles (minutes on a CPU)")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
@@ -603,8 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure tree drafting: a node budget N (dynamic tree) or rank paths as JSON (static)")
     p.add_argument("--png", type=Path, help="chart to write (default: CKPT/speed.png, or ./speed.png for the shipped model)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto: bfloat16 on cuda; on cpu, bfloat16 for "
-                   "bfloat16 weights where the CPU has AVX-512 BF16 (about twice float32's speed), else float32")
+    p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.add_argument("--compile", action="store_true", help="decode with torch.compile'd fixed-shape steps (the warm-up compiles)")
     p.set_defaults(func=bench)
 
@@ -674,8 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before cancelling them")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto: bfloat16 on cuda; on cpu, bfloat16 for "
-                   "bfloat16 weights where the CPU has AVX-512 BF16 (about twice float32's speed), else float32")
+    p.add_argument("--dtype", default="auto", help=AUTO_DTYPE_HELP)
     p.set_defaults(func=serve)
     return parser
 

@@ -283,8 +283,9 @@ class DecodeSteps:
     not seen: build new steps).
     `rowwise` makes compiled single-row products fused reductions (`use_rowwise_matmuls`; default:
     on a CPU in bf16 when not frozen); `fuse` computes each block's q, k, v products as one and w1, w3
-    as one (`fuse_projections`; default: on, eager too: 8-12% off an eager bf16 step of the shipped model); `single_query` makes compiled attention of one
-    query per row multiplies and sums (`single_query_attention`; default: compiled on a CPU);
+    as one (`fuse_projections`; default: on, eager too: 8-12% off an eager bf16 step of the shipped
+    model); `single_query` makes compiled attention of one query per row multiplies and sums
+    (`single_query_attention`; default: compiled on a CPU);
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
     `cpu_kernels` runs bf16 products and attention in `multitoken.kernels` (default: bf16 on a CPU where
@@ -347,7 +348,7 @@ class DecodeSteps:
             rowwise = low_precision_cpu and weight.dtype == torch.bfloat16 and not freeze and not cpu_kernels
         if compile and rowwise:
             use_rowwise_matmuls(model)
-        if fuse is None or fuse:
+        if fuse is not False:
             fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
         self.cpu_kernels = cpu_kernels
         self.group_heads = group_heads
