@@ -325,7 +325,7 @@ def main() -> None:
             for batch in a.batches:
                 measure("7B n=4", model, batch, None, tree=a.tree, ceiling=ceiling)
         if a.compile:
-            if a.unfused:  # first: fusing the projections is for good
+            if a.unfused:
                 measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False)
             for batch in a.batches:
                 measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling)

@@ -13,7 +13,9 @@ from multitoken.steps import (
     FusedAttention,
     FusedFeedForward,
     RowwiseLinear,
+    block_products,
     fuse_projections,
+    inference_products,
     leading_true,
     single_query_attention,
     use_rowwise_matmuls,
@@ -285,6 +287,21 @@ def test_fused_projections_keep_parameters_state_dict_and_outputs():
     assert fused.generate(PROMPTS, 20, temperature=0)[0] == expected
     assert fused.generate(PROMPTS, 20, temperature=0, speculative=True)[0] == expected
     assert fused.generate(PROMPTS, 20, temperature=0, tree=8)[0] == expected
+
+
+def test_each_steps_object_sets_fused_or_separate_products_and_rowwise_reaches_fused_ones():
+    model = random_model(tiny_args(n_future_tokens=3)).eval()
+    model.setup_caches(len(PROMPTS), 64)
+    llama = Llama(model, IdTokenizer(eos_id=299, n_words=300))  # eager steps fuse by default
+    assert isinstance(model.layers[0].attention, FusedAttention) and llama.steps.fused
+    fused = llama.generate(PROMPTS, 12, temperature=0, speculative=True)[0]
+    llama.steps = DecodeSteps(model, fuse=False)
+    assert type(model.layers[0].attention) is Attention and not hasattr(model.layers[0].attention, "wqkv")
+    assert len(block_products(model.extra_heads[0])) == 7
+    assert llama.generate(PROMPTS, 12, temperature=0, speculative=True)[0] == fused
+    DecodeSteps(model)  # fused again, then made row-wise: the fused products too
+    use_rowwise_matmuls(model)
+    assert all(type(m) is RowwiseLinear for m in inference_products(model))
 
 
 def test_fused_projections_train_the_parameters_and_see_their_updates():

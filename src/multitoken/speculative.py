@@ -347,7 +347,7 @@ def generate(
     # Compiled steps cover one shape per batch size and draft count (a step verifies as many drafts as
     # it drafts); the others, the last steps before max_seq_len (fewer drafts fit) and "auto"'s
     # changes of count, run eagerly rather than compile a shape for each.
-    eager = DecodeSteps(model) if steps.compiled else steps
+    eager = DecodeSteps(model, fuse=steps.fused) if steps.compiled else steps
     greedy = temperature == 0
     device = model.tok_embeddings.weight.device
     lag = default_lag(device) if lag is None else lag

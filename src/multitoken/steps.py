@@ -64,9 +64,10 @@ class RowwiseLinear(nn.Linear):
 
 
 def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
-    """Make every nn.Linear of `model` a RowwiseLinear, in place: the same parameters and state dict
-    keys, another forward under torch.compile (worth it on a CPU in bf16)."""
-    for module in model.modules():
+    """Make every nn.Linear of `model` a RowwiseLinear, in place, fused products included: the same
+    parameters and state dict keys, another forward under torch.compile (worth it on a CPU in bf16)."""
+    fused = inference_products(model) if isinstance(model, Transformer) else []
+    for module in [*model.modules(), *fused]:
         if type(module) is nn.Linear:
             module.__class__ = RowwiseLinear
     return model
@@ -169,6 +170,19 @@ def fuse_projections(model: Transformer) -> Transformer:
         if type(ffn) is FeedForward:
             _fuse(ffn, "w13", [ffn.w1, ffn.w3])
             ffn.__class__ = FusedFeedForward
+    return model
+
+
+def unfuse_projections(model: Transformer) -> Transformer:
+    """Undo `fuse_projections`, in place: each block runs its separate products again (the
+    parameters stay views of what were the fused weights, which is all they need)."""
+    for block in [*model.layers, *model.extra_heads]:
+        if isinstance(block.attention, FusedAttention):
+            del block.attention.__dict__["wqkv"]
+            block.attention.__class__ = Attention
+        if isinstance(block.feed_forward, FusedFeedForward):
+            del block.feed_forward.__dict__["w13"]
+            block.feed_forward.__class__ = FeedForward
     return model
 
 
@@ -284,7 +298,7 @@ class DecodeSteps:
     `rowwise` makes compiled single-row products fused reductions (`use_rowwise_matmuls`; default:
     on a CPU in bf16 when not frozen); `fuse` computes each block's q, k, v products as one and w1, w3
     as one (`fuse_projections`; default: on, eager too: 8-12% off an eager bf16 step of the shipped
-    model); `single_query` makes compiled attention of one query per row multiplies and sums
+    model; fuse=False separates them again, `unfuse_projections`); `single_query` makes compiled attention of one query per row multiplies and sums
     (`single_query_attention`; default: compiled on a CPU);
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
@@ -348,8 +362,10 @@ class DecodeSteps:
             rowwise = low_precision_cpu and weight.dtype == torch.bfloat16 and not freeze and not cpu_kernels
         if compile and rowwise:
             use_rowwise_matmuls(model)
-        if fuse is not False:
-            fuse_projections(model)  # after use_rowwise_matmuls, so that fused products are row-wise too
+        # After use_rowwise_matmuls, so that fused products are row-wise too. Steps of either kind may
+        # come and go on one model (an eager one beside compiled ones): each sets what it runs.
+        self.fused = fuse is not False
+        (fuse_projections if self.fused else unfuse_projections)(model)
         self.cpu_kernels = cpu_kernels
         self.group_heads = group_heads
         # Packed copies of exactly the products these steps run: earlier steps may have packed others
