@@ -452,8 +452,9 @@ def _say_if_building_kernels(ckpt_dir: Path, device: str | None, dtype: str | No
     before the pause."""
     from multitoken import kernels
     from multitoken.checkpoint import stored_dtype
+    from multitoken.generation import default_device_and_dtype
 
-    on_cpu = torch.device(device).type == "cpu" if device else not torch.cuda.is_available()
+    on_cpu = default_device_and_dtype(device, None)[0].type == "cpu"
     if (dtype == "auto" and on_cpu and kernels.supported() and not kernels.built()
             and stored_dtype(ckpt_dir) == torch.bfloat16):
         print("[building multitoken's bf16 CPU kernels: once, ~10 s]", file=sys.stderr, flush=True)

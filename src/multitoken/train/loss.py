@@ -78,8 +78,8 @@ def soft_head_targets(teacher: torch.Tensor, hard: torch.Tensor, i: int, share: 
     IGNORE (no target)."""
     t = teacher[:, i:]
     t = F.pad(t, (0, 0, 0, hard.shape[1] - t.shape[1]))
-    if share < 1:
-        t = share * t + (1 - share) * F.one_hot(hard.clamp(min=0), t.shape[-1])
+    if share < 1:  # the token's share added in place: no (batch, seq, vocab) one-hot
+        t = (share * t).scatter_add_(-1, hard.clamp(min=0)[..., None], t.new_full((*hard.shape, 1), 1 - share))
     return t * (hard != IGNORE)[..., None]
 
 
