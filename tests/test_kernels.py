@@ -6,8 +6,17 @@ from torch import nn
 from conftest import random_model, tiny_args
 from multitoken import kernels
 from multitoken.generation import Llama
-from multitoken.kernels import ATTENTION_MAX_QUERIES, PACKED_MAX_ROWS, PackedLinear, attention, pack_weight, use_packed_matmuls
-from multitoken.model import scaled_dot_product
+from multitoken.kernels import (
+    ATTENTION_MAX_QUERIES,
+    PACKED_MAX_ROWS,
+    KernelKVCache,
+    KernelRMSNorm,
+    PackedLinear,
+    attention,
+    pack_weight,
+    use_packed_matmuls,
+)
+from multitoken.model import KVCache, Positions, RMSNorm, apply_rope, precompute_rope, scaled_dot_product
 from multitoken.steps import DecodeSteps, block_products, inference_products
 from test_generation import IdTokenizer
 
@@ -174,6 +183,69 @@ def test_bf16_self_speculation_gives_plain_decodings_tokens(compiled):
 
 
 @needs_kernel
+@pytest.mark.parametrize("x_shape, rows_shape", [((3, 5, 4, 32), (5,)), ((3, 5, 4, 32), (3, 5)),
+                                                 ((2, 3, 5, 8, 16), (3, 5)), ((2, 3, 5, 8, 16), (5,))])
+def test_rotation_kernel_is_apply_rope_bit_for_bit(x_shape, rows_shape):
+    torch.manual_seed(0)
+    table = precompute_rope(x_shape[-1], 256, 1e4)
+    rope = table[torch.randint(0, 256, rows_shape)]
+    x = (torch.randn(x_shape) * 4).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(kernels.rotate(x, rope), apply_rope(x, rope))
+        # Keys and values come out of one fused product: a slice of each row, not a contiguous tensor.
+        qkv = (torch.randn(*x_shape[:-2], 3 * x_shape[-2] * x_shape[-1]) * 4).to(torch.bfloat16)
+        k = qkv[..., x_shape[-2] * x_shape[-1]: 2 * x_shape[-2] * x_shape[-1]].unflatten(-1, x_shape[-2:])
+        assert not k.is_contiguous() and torch.equal(kernels.rotate(k, rope), apply_rope(k, rope))
+    assert torch.equal(kernels.rotate(x.float(), rope), apply_rope(x.float(), rope))  # float32: apply_rope itself
+
+
+@needs_kernel
+def test_norm_kernel_is_rmsnorm_row_by_row():
+    torch.manual_seed(0)
+    norms = [RMSNorm(64).to(torch.bfloat16) for _ in range(3)]
+    with torch.no_grad():
+        for n in norms:
+            n.weight.normal_()
+    x = (torch.randn(4, 7, 64) * torch.rand(4, 7, 1) * 8).to(torch.bfloat16)
+    fast = KernelRMSNorm(64).to(torch.bfloat16)
+    fast.load_state_dict(norms[0].state_dict())
+    with torch.inference_mode():
+        got, expected = fast(x), norms[0](x)
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        # Its sum of squares runs in its own order: at most one bf16 rounding step from ATen's result.
+        torch.testing.assert_close(got, expected, rtol=8e-3, atol=1e-6)
+        assert (got != expected).float().mean() < 0.01
+        assert torch.equal(fast(x[2:3, 4:5]), got[2:3, 4:5])  # a row's result does not depend on the others
+        every = kernels.rms_norm(x, norms)  # each norm on the same rows
+        per_group = kernels.rms_norm(x[:3], norms, per_group=True)  # norm g on x[g]
+        for g, n in enumerate(norms):
+            torch.testing.assert_close(every[g], n(x), rtol=8e-3, atol=1e-6)
+            assert torch.equal(per_group[g], every[g, g])
+    # With gradients on (training) it is RMSNorm exactly.
+    assert torch.equal(fast(x), norms[0](x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [None, torch.tensor([3, 0])])
+def test_cache_kernel_stores_what_kvcache_stores(rows):
+    torch.manual_seed(0)
+    caches = [KVCache(4, 32, 2, 16, torch.bfloat16, "cpu") for _ in range(2)]
+    kernels.use_kernel_modules(caches[1:])
+    assert type(caches[1]) is KernelKVCache
+    slots = torch.tensor([[5, 6, 9], [20, 21, 22]])
+    pos = Positions(slots, torch.empty(0), torch.ones(2, 1, 3, 32, dtype=torch.bool), rows)
+    fused = (torch.randn(2, 3, 4, 2, 16) * 3).to(torch.bfloat16)  # k and v as slices of one product
+    k, v = fused[:, :, 1].transpose(1, 2), fused[:, :, 3].transpose(1, 2)
+    with torch.inference_mode():
+        out = [cache.update(pos, k, v) for cache in caches]
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    assert caches[1].k.abs().sum() > 0
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="slot 40 is past the cache's 32"):
+        caches[1].update(Positions(slots + 20, pos.rope, pos.mask, rows), k, v)
+
+
+@needs_kernel
 def test_steps_without_cpu_kernels_are_atens_again():
     model = random_model(dtype=torch.bfloat16)
     model.setup_caches(1, 32)
@@ -181,6 +253,10 @@ def test_steps_without_cpu_kernels_are_atens_again():
     # The products a step runs: fused q, k, v (and w1, w3) by default, eagerly too.
     assert steps.cpu_kernels and all(isinstance(m, PackedLinear) for m in block_products(model.layers[0]))
     assert model.layers[0].attention.wqkv in block_products(model.layers[0])
+    assert type(model.norm) is KernelRMSNorm and type(model.extra_heads[0].attention.cache) is KernelKVCache
+    assert model.layers[0].attention.rotate is kernels.rotate
     steps = DecodeSteps(model, cpu_kernels=False)
     assert not steps.cpu_kernels and all(type(m) is nn.Linear for m in block_products(model.layers[0]))
     assert model.layers[0].attention.sdpa is scaled_dot_product
+    assert type(model.norm) is RMSNorm and type(model.extra_heads[0].attention.cache) is KVCache
+    assert model.layers[0].attention.rotate is apply_rope

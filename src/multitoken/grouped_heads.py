@@ -23,7 +23,7 @@ from multitoken import kernels
 # steps imports this module (its draft_logits runs the heads grouped); the module, not its names, is
 # imported here, so either can be imported first.
 from multitoken import steps
-from multitoken.model import Positions, RMSNorm, TransformerBlock, apply_rope, select_tokens
+from multitoken.model import Positions, RMSNorm, TransformerBlock, select_tokens
 
 
 def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
@@ -36,6 +36,8 @@ def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
         if (block.attention.sdpa is not kernels.attention or block.attention.cache is None
                 or type(block.attention) is not type(first.attention)
                 or type(block.feed_forward) is not type(first.feed_forward)
+                or type(block.attention_norm) is not type(first.attention_norm)
+                or type(block.ffn_norm) is not type(first.ffn_norm) or block.attention.rotate is not first.attention.rotate
                 or block.attention_norm.eps != first.attention_norm.eps or block.ffn_norm.eps != first.ffn_norm.eps):
             return False
         if not all(isinstance(m, kernels.PackedLinear) and m.packed is not None for m in steps.block_products(block)):
@@ -45,7 +47,9 @@ def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
 
 def _norm(x: torch.Tensor, norms: list[RMSNorm]) -> torch.Tensor:
     """norms[g] on x (batch, seq, dim), or on x[g] of x (G, batch, seq, dim): (G, batch, seq, dim),
-    computed as RMSNorm computes it."""
+    computed as the heads' norms compute it (`kernels.KernelRMSNorm` where decode steps made them so)."""
+    if isinstance(norms[0], kernels.KernelRMSNorm) and kernels._elementwise_runs(x):
+        return kernels.rms_norm(x, norms, per_group=x.dim() == 4)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norms[0].eps)
     weight = torch.stack([n.weight for n in norms])  # (G, dim), broadcast over batch and seq
@@ -74,11 +78,11 @@ def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, inde
         xv = kernels.linear_group(x, [b.attention.wv for b in heads])
         q = kernels.linear_group(_select(x, index), [b.attention.wq for b in heads])
     # Keys rotated for every head at once (the rotary rows broadcast), then cached in each head's own buffers.
-    k = apply_rope(xk.view(n, bsz, seqlen, a.n_kv_heads, a.head_dim), pos.rope).transpose(2, 3)
+    k = a.rotate(xk.view(n, bsz, seqlen, a.n_kv_heads, a.head_dim), pos.rope).transpose(2, 3)
     v = xv.view(n, bsz, seqlen, a.n_kv_heads, a.head_dim).transpose(2, 3)
     cached = [b.attention.cache.update(pos, k[g], v[g]) for g, b in enumerate(heads)]
     at = pos.select(index)
-    q = apply_rope(q.view(n, bsz, 1, a.n_heads, a.head_dim), at.rope).transpose(2, 3)
+    q = a.rotate(q.view(n, bsz, 1, a.n_heads, a.head_dim), at.rope).transpose(2, 3)
     out = kernels.attention_group(q, [k for k, _ in cached], [v for _, v in cached], at.mask)
     hh = select_tokens(h, index) + kernels.linear_group(out.transpose(2, 3).reshape(n, bsz, 1, -1),
                                                      [b.attention.wo for b in heads])  # (G, batch, 1, dim)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken.model import scaled_dot_product
+from multitoken.model import KVCache, Positions, RMSNorm, apply_rope, scaled_dot_product
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,14 @@ def _attention_shape(q: torch.Tensor, k, v, mask: torch.Tensor | None) -> torch.
     return q.new_empty(*q.shape[:-3], q.shape[-2], q.shape[-3], q.shape[-1]).transpose(-3, -2)
 
 
+def _rms_norm_shape(x: torch.Tensor, weights: list[torch.Tensor], eps: float, per_group: bool) -> torch.Tensor:
+    return x.new_empty(x.shape if per_group else (len(weights), *x.shape))
+
+
+def _rope_shape(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
 def supported() -> bool:
     """Whether the kernels can run on this host (without building them): x86-64 Linux with AVX-512 BF16,
     and not turned off (MULTITOKEN_KERNELS=0)."""
@@ -112,7 +120,8 @@ def available() -> bool:
             _build(so_path)
         torch.ops.load_library(str(so_path))
         for op, shape in [("packed_linear", _packed_linear_shape), ("packed_linear_group", _packed_linear_shape),
-                          ("few_query_attention", _attention_shape), ("few_query_attention_group", _attention_shape)]:
+                          ("few_query_attention", _attention_shape), ("few_query_attention_group", _attention_shape),
+                          ("rms_norm", _rms_norm_shape), ("rope", _rope_shape)]:
             torch.library.register_fake(f"multitoken::{op}")(shape)
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("multitoken: the bf16 CPU kernels did not build or load (%s); using ATen's", build_error(e))
@@ -243,3 +252,61 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if not _attention_runs(q):
         return scaled_dot_product(q, k, v, mask)
     return torch.ops.multitoken.few_query_attention(q, k, v, mask)
+
+
+def _elementwise_runs(x: torch.Tensor) -> bool:
+    """Whether the norm and rotary kernels run on x (..., dim): bf16 on the CPU, dim a multiple of 16, no
+    gradients, eagerly (compiled steps leave norms and rotations to inductor, which fuses them with their
+    neighbours)."""
+    return (x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.shape[-1] % 16 == 0 and not torch.compiler.is_compiling() and available())
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm whose bf16 inference forward is one kernel call (`rms_norm`) instead of eight operator
+    calls; the same formula, its sum of squares in an order of its own. Otherwise, and compiled, RMSNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != torch.bfloat16 or not _elementwise_runs(x):
+            return super().forward(x)
+        return torch.ops.multitoken.rms_norm.default(x, [self.weight], self.eps, False)[0]
+
+
+class KernelKVCache(KVCache):
+    """KVCache whose store at per-row positions (speculative and tree steps) is one kernel call
+    (`cache_write`) instead of a dozen operator calls, eagerly; otherwise, and compiled, KVCache's."""
+
+    def write(self, pos: Positions, k: torch.Tensor, v: torch.Tensor) -> None:
+        if (isinstance(pos.start, int) or self.k.element_size() != 2 or k.device.type != "cpu"
+                or torch.compiler.is_compiling() or not available()):
+            return super().write(pos, k, v)
+        torch.ops.multitoken.cache_write.default(self.k, self.v, k, v, pos.start, pos.rows)
+
+
+_KERNEL_CLASSES = {RMSNorm: KernelRMSNorm, KVCache: KernelKVCache}
+
+
+def use_kernel_modules(modules: Iterable[nn.Module], on: bool = True) -> None:
+    """Make each RMSNorm and KVCache among `modules` a KernelRMSNorm and KernelKVCache (the same
+    parameters and buffers), in place; `on=False` makes them plain again."""
+    for module in modules:
+        for plain, kernel in _KERNEL_CLASSES.items():
+            if on and type(module) is plain:
+                module.__class__ = kernel
+            elif not on and type(module) is kernel:
+                module.__class__ = plain
+
+
+def rms_norm(x: torch.Tensor, norms: list[RMSNorm], per_group: bool = False) -> torch.Tensor:
+    """Every norm of `norms` on x (..., dim), (G, ..., dim); or with `per_group` norms[g] on x[g] of x
+    (G, ..., dim): in one kernel call (bf16 where `_elementwise_runs`; the norms share one eps)."""
+    return torch.ops.multitoken.rms_norm.default(x, [n.weight for n in norms], norms[0].eps, per_group)
+
+
+def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """`model.apply_rope` for decode steps: x (..., seq, heads, head_dim) rotated by the table rows
+    rope ((seq, 2, 1, head_dim), or (batch, seq, ...) with x (..., batch, seq, heads, head_dim)), in one
+    kernel call where it runs (`_elementwise_runs`), the same numbers bit for bit; else apply_rope."""
+    if not _elementwise_runs(x):
+        return apply_rope(x, rope)
+    return torch.ops.multitoken.rope.default(x, rope)

@@ -167,19 +167,26 @@ class KVCache(nn.Module):
     def update(self, pos: Positions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, kv_heads, seq, head_dim) at their positions; return every key/value the
         queries may need, positions 0 .. end (masked per row where rows differ)."""
+        self.write(pos, k, v)
         bsz, _, seqlen, _ = k.shape
         if isinstance(pos.start, int):
             end = pos.start + seqlen
-            self.k[:bsz, :, pos.start : end] = k
-            self.v[:bsz, :, pos.start : end] = v
         else:
             end = pos.mask.shape[-1]
-            rows = torch.arange(bsz, device=k.device) if pos.rows is None else pos.rows
-            self.k[rows[:, None], :, pos.start] = k.transpose(1, 2)
-            self.v[rows[:, None], :, pos.start] = v.transpose(1, 2)
             if pos.rows is not None:  # a gather (copy) of the selected rows, not a view
                 return self.k[pos.rows, :, :end], self.v[pos.rows, :, :end]
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+    def write(self, pos: Positions, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (batch, kv_heads, seq, head_dim) in the slots of their positions."""
+        bsz, _, seqlen, _ = k.shape
+        if isinstance(pos.start, int):
+            self.k[:bsz, :, pos.start : pos.start + seqlen] = k
+            self.v[:bsz, :, pos.start : pos.start + seqlen] = v
+        else:
+            rows = torch.arange(bsz, device=k.device) if pos.rows is None else pos.rows
+            self.k[rows[:, None], :, pos.start] = k.transpose(1, 2)
+            self.v[rows[:, None], :, pos.start] = v.transpose(1, 2)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy row b's entries at slots src[b] to slots dst[b] (both (batch, n)), e.g. to close the gaps
@@ -228,21 +235,23 @@ class Attention(nn.Module):
         """Rotate the keys xk and cache them with the values xv (batch, seq, kv_heads * head_dim); returns
         the keys and values to attend, (batch, kv_heads, keys, head_dim): the cache's, if any."""
         bsz, seqlen, _ = xk.shape
-        k = apply_rope(xk.view(bsz, seqlen, self.n_kv_heads, self.head_dim), pos.rope).transpose(1, 2)
+        k = self.rotate(xk.view(bsz, seqlen, self.n_kv_heads, self.head_dim), pos.rope).transpose(1, 2)
         v = xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)
         return k, v
 
-    # How queries attend: a function of (q, k, v, mask) as `scaled_dot_product`; decode steps put
-    # another in its place for some shapes (steps.py), the model computes the same either way.
+    # How queries attend, a function of (q, k, v, mask) as `scaled_dot_product`, and how keys and
+    # queries are rotated, as `apply_rope`: decode steps put others in their place for some shapes
+    # (steps.py); the model computes the same either way.
     sdpa = staticmethod(scaled_dot_product)
+    rotate = staticmethod(apply_rope)
 
     def attend(self, xq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
         """Queries xq (batch, n_q, n_heads * head_dim) at `pos` attending to keys k and values v, through
         the output projection."""
         bsz, n_q, _ = xq.shape
-        q = apply_rope(xq.view(bsz, n_q, self.n_heads, self.head_dim), pos.rope).transpose(1, 2)
+        q = self.rotate(xq.view(bsz, n_q, self.n_heads, self.head_dim), pos.rope).transpose(1, 2)
         out = self.sdpa(q, k, v, pos.mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, n_q, -1))
 

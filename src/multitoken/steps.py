@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multitoken import grouped_heads, kernels
-from multitoken.model import Attention, FeedForward, Positions, Transformer, scaled_dot_product, select_tokens
+from multitoken.model import Attention, FeedForward, Positions, Transformer, apply_rope, scaled_dot_product, select_tokens
 
 # Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
 # here (2-core AVX-512): 3.5x ATen's speed at 1 row, equal at 4 in isolation; but inside a whole
@@ -377,9 +377,11 @@ class DecodeSteps:
             kernels.use_packed_matmuls(products)
         if single_query is None:
             single_query = compile and weight.device.type == "cpu"
+        kernels.use_kernel_modules(model.modules(), cpu_kernels)
         for block in [*model.layers, *model.extra_heads]:
             block.attention.sdpa = (kernels.attention if cpu_kernels else single_query_attention if single_query
                                     else scaled_dot_product)
+            block.attention.rotate = kernels.rotate if cpu_kernels else apply_rope
         if compile:
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -450,6 +450,129 @@ at::Tensor few_query_attention_group(const at::Tensor& q, at::TensorList k, at::
   return out;
 }
 
+// float32 -> bf16 for 16 values, rounding to nearest even (load_bf16 is the way back).
+inline void store_bf16(at::BFloat16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+// Products and sums with their rounding spelled out, so the compiler never fuses them into one
+// multiply-add: these kernels give what eager ATen's separate operations give.
+constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// RMSNorm of bf16 rows as model.RMSNorm computes it, in one call instead of eight: float32 x times
+// rsqrt(mean(x^2) + eps), rounded to bf16, times the weight, rounded again. Every weight of `weights`
+// (G of (dim,)) on x (..., dim), out (G, ..., dim); or with per_group, weights[g] on x[g] of x (G, ..., dim),
+// out x's shape. Each row's sum of squares runs in a fixed order of its own (not ATen's), whatever the
+// other rows are.
+at::Tensor rms_norm(const at::Tensor& x, at::TensorList weights, double eps, bool per_group) {
+  const int64_t groups = weights.size(), dim = x.size(-1);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && dim % kBlock == 0 && groups > 0 &&
+              (!per_group || x.size(0) == groups), "rms_norm: x must be bfloat16 (..., dim), dim a multiple of 16, "
+              "and (G, ..., dim) per group");
+  for (const at::Tensor& w : weights)
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.numel() == dim,
+                "rms_norm: every weight must be a contiguous bfloat16 (dim,)");
+  const at::Tensor x3 = x.reshape({per_group ? groups : 1, -1, dim}).contiguous();
+  const int64_t rows = x3.size(1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  if (!per_group) shape.insert(shape.begin(), groups);
+  at::Tensor out = at::empty(shape, x.options());
+  auto* y = out.mutable_data_ptr<at::BFloat16>();
+  const auto* x0 = x3.const_data_ptr<at::BFloat16>();
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto* w = weights[g].const_data_ptr<at::BFloat16>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const at::BFloat16* xr = x0 + ((per_group ? g * rows : 0) + r) * dim;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < dim; i += kBlock) {
+        const __m512 v = load_bf16(xr + i);
+        acc = _mm512_add_round_ps(acc, _mm512_mul_round_ps(v, v, kNearest), kNearest);
+      }
+      const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)dim + (float)eps));
+      at::BFloat16* yr = y + (g * rows + r) * dim;
+      for (int64_t i = 0; i < dim; i += kBlock) {
+        // The normalised value is rounded to bf16 before the weight multiplies it, as eager bf16 does.
+        const __m512 n = round_bf16(_mm512_mul_round_ps(load_bf16(xr + i), scale, kNearest));
+        store_bf16(yr + i, _mm512_mul_round_ps(n, load_bf16(w + i), kNearest));
+      }
+    }
+  }
+  return out;
+}
+
+// Rotary embeddings as model.apply_rope computes them, in one call instead of nine: float32
+// x * cos + (x with each pair swapped) * (-sin, sin), rounded to bf16. x: (..., seq, heads, head_dim)
+// bf16, head_dim a multiple of 16; table: the rotary rows of x's tokens as apply_rope takes them, float32
+// (seq, 2, 1, head_dim) or (batch, seq, 2, 1, head_dim) for x (..., batch, seq, heads, head_dim), each
+// token's cos row then its (-sin, sin) row. The output has x's shape, contiguous.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& table) {
+  const int64_t dim = x.size(-1), heads = x.size(-2);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 3 && dim % kBlock == 0,
+              "rope: x must be bfloat16 (..., seq, heads, head_dim) with head_dim a multiple of 16");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() >= 4 && table.size(-1) == dim && table.size(-2) == 1 &&
+              table.size(-3) == 2 && table.dim() - 3 <= x.dim() - 2,
+              "rope: table must be float32 (..., 2, 1, head_dim) rotary rows for x");
+  const int64_t tokens = table.numel() / (2 * dim);
+  for (int64_t i = 1; i <= table.dim() - 3; ++i)
+    TORCH_CHECK(table.size(-3 - i) == x.size(-2 - i), "rope: the table's rows do not match x's tokens");
+  const at::Tensor x4 = x.reshape({-1, tokens, heads, dim}).contiguous();
+  const at::Tensor tab = table.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  auto* y = out.mutable_data_ptr<at::BFloat16>();
+  const auto* x0 = x4.const_data_ptr<at::BFloat16>();
+  const float* t0 = tab.const_data_ptr<float>();
+  const int64_t vectors = x4.numel() / kBlock, per_token = heads * dim / kBlock;
+  for (int64_t j = 0; j < vectors; ++j) {
+    const int64_t t = j / per_token % tokens, i = j * kBlock % dim;
+    const float* cos = t0 + t * 2 * dim + i;
+    const __m512 v = load_bf16(x0 + j * kBlock);
+    const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (x1, x0) for every pair (x0, x1)
+    store_bf16(y + j * kBlock, _mm512_add_round_ps(_mm512_mul_round_ps(v, _mm512_loadu_ps(cos), kNearest),
+                                                   _mm512_mul_round_ps(swapped, _mm512_loadu_ps(cos + dim), kNearest),
+                                                   kNearest));
+  }
+  return out;
+}
+
+// Keys and values k, v (batch, kv_heads, seq, head_dim; head_dim contiguous) into a KV cache's k and v
+// buffers (max_batch, kv_heads, max_seq, head_dim, contiguous) at slots[b, s] of cache row rows[b] (or
+// row b): model.KVCache's indexed store in one call instead of a dozen.
+void cache_write(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& slots, const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() &&
+              cache_k.dim() == 4 && k.sizes() == v.sizes() && k.dim() == 4 && k.size(1) == cache_k.size(1) &&
+              k.size(3) == cache_k.size(3) && k.stride(3) == 1 && v.stride(3) == 1 &&
+              k.scalar_type() == cache_k.scalar_type() && v.scalar_type() == cache_k.scalar_type() &&
+              cache_k.scalar_type() == cache_v.scalar_type() && cache_k.element_size() == 2,
+              "cache_write: k and v must be (batch, kv_heads, seq, head_dim) of the caches' 16-bit dtype and shape");
+  const int64_t bsz = k.size(0), heads = k.size(1), seq = k.size(2), dim = k.size(3);
+  const int64_t max_b = cache_k.size(0), max_s = cache_k.size(2);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == bsz && slots.size(1) == seq,
+              "cache_write: slots must be int64 (batch, seq)");
+  TORCH_CHECK(!rows || (rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->size(0) == bsz),
+              "cache_write: rows must be int64 (batch,)");
+  const at::Tensor sl = slots.contiguous();
+  const int64_t* slot = sl.const_data_ptr<int64_t>();
+  const at::Tensor rw = rows ? rows->contiguous() : at::Tensor();
+  auto* ck = static_cast<uint16_t*>(cache_k.data_ptr());
+  auto* cv = static_cast<uint16_t*>(cache_v.data_ptr());
+  const auto* k0 = static_cast<const uint16_t*>(k.const_data_ptr());
+  const auto* v0 = static_cast<const uint16_t*>(v.const_data_ptr());
+  for (int64_t b = 0; b < bsz; ++b) {
+    const int64_t row = rows ? rw.const_data_ptr<int64_t>()[b] : b;
+    TORCH_CHECK(row >= 0 && row < max_b, "cache_write: cache row ", row, " is out of range");
+    for (int64_t s = 0; s < seq; ++s) {
+      const int64_t at = slot[b * seq + s];
+      TORCH_CHECK(at >= 0 && at < max_s, "cache_write: slot ", at, " is past the cache's ", max_s);
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t dst = ((row * heads + h) * max_s + at) * dim;
+        std::copy_n(k0 + b * k.stride(0) + h * k.stride(1) + s * k.stride(2), dim, ck + dst);
+        std::copy_n(v0 + b * v.stride(0) + h * v.stride(1) + s * v.stride(2), dim, cv + dst);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multitoken, m) {
@@ -457,6 +580,9 @@ TORCH_LIBRARY(multitoken, m) {
   m.def("packed_linear_group(Tensor x, Tensor[] packed, int out_features) -> Tensor");
   m.def("few_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("few_query_attention_group(Tensor q, Tensor[] k, Tensor[] v, Tensor? mask) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor[] weights, float eps, bool per_group) -> Tensor");
+  m.def("rope(Tensor x, Tensor table) -> Tensor");
+  m.def("cache_write(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor slots, Tensor? rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
@@ -464,4 +590,7 @@ TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("packed_linear_group", packed_linear_group);
   m.impl("few_query_attention", few_query_attention);
   m.impl("few_query_attention_group", few_query_attention_group);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope", rope);
+  m.impl("cache_write", cache_write);
 }
