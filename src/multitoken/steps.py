@@ -16,7 +16,10 @@ Both compute the same function; the model itself knows nothing of compilation.
 
 In bf16 on a CPU with AVX-512 BF16, steps (eager or compiled) run their products and attention in
 `multitoken.kernels` (`cpu_kernels`): each token of a verify step is computed exactly as in a 1-token
-step, so bf16 self-speculation is lossless to the bit, and eager steps take half the time.
+step, so bf16 self-speculation is lossless to the bit, and eager steps take half the time. Eager
+steps there also run their norms, rotations and indexed cache stores as one kernel call each
+(`kernels.KernelRMSNorm`, `kernels.rotate`, `kernels.KernelKVCache`), a fifth to a third off a step
+whose time goes mostly to calling operators; compiled steps leave those to inductor.
 
 On a CPU with bfloat16 or float16 weights, compiled steps are also frozen (`freeze`): inductor takes
 the weights as constants, packs them once into the tiles of its own matrix kernels (AMX and
@@ -303,7 +306,8 @@ class DecodeSteps:
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
     `cpu_kernels` runs bf16 products and attention in `multitoken.kernels` (default: bf16 on a CPU where
-    they run and memory holds a packed copy of the weights; eager steps too), which compute each token
+    they run and memory holds a packed copy of the weights; eager steps too, with their norms,
+    rotations and indexed cache stores as kernel calls), which compute each token
     of a multi-token step exactly as a 1-token step does: bf16 self-speculation then emits plain
     decoding's tokens (compiled, with inductor rounding to bf16 where eager does). It takes the place
     of `single_query` and `rowwise`.

@@ -1,4 +1,6 @@
-// Products of a few rows with bf16 weights on x86-64 CPUs with AVX-512 BF16 (multitoken/kernels.py).
+// Products of a few rows with bf16 weights on x86-64 CPUs with AVX-512 BF16 (multitoken/kernels.py), and
+// the rest of a bf16 decode step that eager ATen spreads over many operator calls: attention of a few
+// queries, RMSNorm, rotary embeddings and the KV cache's indexed store.
 //
 // A decode step multiplies a handful of rows (1 token, or the last token and its drafts) by every weight
 // matrix. The weights are packed once so that one 64-byte load holds 2 consecutive inputs of 16 outputs,
@@ -535,10 +537,10 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& table) {
 }
 
 // Keys and values k, v (batch, kv_heads, seq, head_dim; head_dim contiguous) into a KV cache's k and v
-// buffers (max_batch, kv_heads, max_seq, head_dim, contiguous) at slots[b, s] of cache row rows[b] (or
-// row b): model.KVCache's indexed store in one call instead of a dozen.
+// buffers (max_batch, kv_heads, max_seq, head_dim, contiguous) at slots[b, s] (without slots: start + s)
+// of cache row rows[b] (or row b): model.KVCache's store in one call instead of four to a dozen.
 void cache_write(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& slots, const std::optional<at::Tensor>& rows) {
+                 const std::optional<at::Tensor>& slots, int64_t start, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && cache_k.sizes() == cache_v.sizes() &&
               cache_k.dim() == 4 && k.sizes() == v.sizes() && k.dim() == 4 && k.size(1) == cache_k.size(1) &&
               k.size(3) == cache_k.size(3) && k.stride(3) == 1 && v.stride(3) == 1 &&
@@ -547,12 +549,12 @@ void cache_write(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, 
               "cache_write: k and v must be (batch, kv_heads, seq, head_dim) of the caches' 16-bit dtype and shape");
   const int64_t bsz = k.size(0), heads = k.size(1), seq = k.size(2), dim = k.size(3);
   const int64_t max_b = cache_k.size(0), max_s = cache_k.size(2);
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == bsz && slots.size(1) == seq,
-              "cache_write: slots must be int64 (batch, seq)");
+  TORCH_CHECK(!slots || (slots->scalar_type() == at::kLong && slots->dim() == 2 && slots->size(0) == bsz &&
+                         slots->size(1) == seq), "cache_write: slots must be int64 (batch, seq)");
   TORCH_CHECK(!rows || (rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->size(0) == bsz),
               "cache_write: rows must be int64 (batch,)");
-  const at::Tensor sl = slots.contiguous();
-  const int64_t* slot = sl.const_data_ptr<int64_t>();
+  const at::Tensor sl = slots ? slots->contiguous() : at::Tensor();
+  const int64_t* slot = slots ? sl.const_data_ptr<int64_t>() : nullptr;
   const at::Tensor rw = rows ? rows->contiguous() : at::Tensor();
   auto* ck = static_cast<uint16_t*>(cache_k.data_ptr());
   auto* cv = static_cast<uint16_t*>(cache_v.data_ptr());
@@ -562,7 +564,7 @@ void cache_write(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, 
     const int64_t row = rows ? rw.const_data_ptr<int64_t>()[b] : b;
     TORCH_CHECK(row >= 0 && row < max_b, "cache_write: cache row ", row, " is out of range");
     for (int64_t s = 0; s < seq; ++s) {
-      const int64_t at = slot[b * seq + s];
+      const int64_t at = slot ? slot[b * seq + s] : start + s;
       TORCH_CHECK(at >= 0 && at < max_s, "cache_write: slot ", at, " is past the cache's ", max_s);
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t dst = ((row * heads + h) * max_s + at) * dim;
@@ -582,7 +584,7 @@ TORCH_LIBRARY(multitoken, m) {
   m.def("few_query_attention_group(Tensor q, Tensor[] k, Tensor[] v, Tensor? mask) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor[] weights, float eps, bool per_group) -> Tensor");
   m.def("rope(Tensor x, Tensor table) -> Tensor");
-  m.def("cache_write(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor slots, Tensor? rows) -> ()");
+  m.def("cache_write(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor? slots, int start, Tensor? rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
