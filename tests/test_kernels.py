@@ -246,8 +246,10 @@ def test_cache_kernel_stores_what_kvcache_stores(rows):
             out = [cache.update(Positions(11, pos.rope, None), k, v) for cache in caches]
         assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
         assert all(torch.equal(a, b) for a, b in zip(*out)) and out[0][0].shape == (2, 2, 14, 16)
+    before = caches[1].k.clone()
     with torch.inference_mode(), pytest.raises(RuntimeError, match="slot 40 is past the cache's 32"):
         caches[1].update(Positions(slots + 20, pos.rope, pos.mask, rows), k, v)
+    assert torch.equal(caches[1].k, before)  # refused whole: row 0's slots were in range, and not written
 
 
 @needs_kernel

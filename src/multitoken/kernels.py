@@ -280,7 +280,8 @@ class KernelKVCache(KVCache):
     otherwise, and compiled, KVCache's."""
 
     def write(self, pos: Positions, k: torch.Tensor, v: torch.Tensor) -> None:
-        if (self.k.element_size() != 2 or k.device.type != "cpu" or torch.compiler.is_compiling()
+        if (self.k.element_size() != 2 or k.dtype != self.k.dtype or v.dtype != self.k.dtype or k.device.type != "cpu"
+                or k.stride(-1) != 1 or v.stride(-1) != 1 or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or not available()):
             return super().write(pos, k, v)
         at = isinstance(pos.start, int)

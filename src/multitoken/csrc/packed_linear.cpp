@@ -560,12 +560,19 @@ void cache_write(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, 
   auto* cv = static_cast<uint16_t*>(cache_v.data_ptr());
   const auto* k0 = static_cast<const uint16_t*>(k.const_data_ptr());
   const auto* v0 = static_cast<const uint16_t*>(v.const_data_ptr());
+  // Every row and slot checked before anything is written: a refused store leaves the cache as it was.
   for (int64_t b = 0; b < bsz; ++b) {
     const int64_t row = rows ? rw.const_data_ptr<int64_t>()[b] : b;
     TORCH_CHECK(row >= 0 && row < max_b, "cache_write: cache row ", row, " is out of range");
     for (int64_t s = 0; s < seq; ++s) {
       const int64_t at = slot ? slot[b * seq + s] : start + s;
       TORCH_CHECK(at >= 0 && at < max_s, "cache_write: slot ", at, " is past the cache's ", max_s);
+    }
+  }
+  for (int64_t b = 0; b < bsz; ++b) {
+    const int64_t row = rows ? rw.const_data_ptr<int64_t>()[b] : b;
+    for (int64_t s = 0; s < seq; ++s) {
+      const int64_t at = slot ? slot[b * seq + s] : start + s;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t dst = ((row * heads + h) * max_s + at) * dim;
         std::copy_n(k0 + b * k.stride(0) + h * k.stride(1) + s * k.stride(2), dim, ck + dst);
