@@ -169,16 +169,19 @@ class PackedLinear(nn.Linear):
     _packed_from: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each module attribute read is a lookup of its own (~1 us), and an eager step makes ~50 of these calls.
+        weight = self.weight
         if self.packed is None or torch.is_grad_enabled() or x.dtype != torch.bfloat16 or x.shape[:-1].numel() > PACKED_MAX_ROWS:
-            return F.linear(x, self.weight)
-        self.refresh()
+            return F.linear(x, weight)
         # The weight's shape, not self.out_features: compiled steps guard every plain attribute they read.
-        return torch.ops.multitoken.packed_linear(x, self.packed, self.weight.shape[0])
+        return torch.ops.multitoken.packed_linear.default(x, self.refresh(weight), weight.shape[0])
 
-    def refresh(self) -> None:
-        """Pack the weight again if it changed since it was packed (eagerly: a compiled graph keeps its copy)."""
-        if not torch.compiler.is_compiling() and self._packed_from != _version(self.weight):
+    def refresh(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The packed copy, packed again first if the weight (`weight`, if given) changed since it was
+        packed (eagerly: a compiled graph keeps its copy)."""
+        if not torch.compiler.is_compiling() and self._packed_from != _version(self.weight if weight is None else weight):
             self.repack()
+        return self.packed
 
     def repack(self) -> None:
         """Pack the current weight (a bf16 CPU one; anything else drops the copy)."""
@@ -223,9 +226,7 @@ def linear_group(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
     bit, as each layer's own call); otherwise each layer in turn."""
     if (all(isinstance(m, PackedLinear) and m.packed is not None for m in linears) and not torch.is_grad_enabled()
             and x.dtype == torch.bfloat16 and x[0].shape[:-1].numel() <= PACKED_MAX_ROWS):
-        for m in linears:
-            m.refresh()
-        return torch.ops.multitoken.packed_linear_group(x, [m.packed for m in linears], linears[0].weight.shape[0])
+        return torch.ops.multitoken.packed_linear_group(x, [m.refresh() for m in linears], linears[0].weight.shape[0])
     return torch.stack([m(x[g]) for g, m in enumerate(linears)])
 
 
@@ -260,8 +261,8 @@ def _elementwise_runs(x: torch.Tensor) -> bool:
     """Whether the norm and rotary kernels run on x (..., dim): bf16 on the CPU, dim a multiple of 16, no
     gradients, eagerly (compiled steps leave norms and rotations to inductor, which fuses them with their
     neighbours)."""
-    return (x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.shape[-1] % 16 == 0 and not torch.compiler.is_compiling() and available())
+    return (x.dtype == torch.bfloat16 and x.is_cpu and not torch.is_grad_enabled() and x.shape[-1] % 16 == 0
+            and not torch.compiler.is_compiling() and available())
 
 
 class KernelRMSNorm(RMSNorm):
@@ -280,12 +281,13 @@ class KernelKVCache(KVCache):
     otherwise, and compiled, KVCache's."""
 
     def write(self, pos: Positions, k: torch.Tensor, v: torch.Tensor) -> None:
-        if (self.k.element_size() != 2 or k.dtype != self.k.dtype or v.dtype != self.k.dtype or k.device.type != "cpu"
+        cache_k, cache_v = self.k, self.v
+        if (k.dtype != cache_k.dtype or v.dtype != cache_k.dtype or cache_k.element_size() != 2 or not k.is_cpu
                 or k.stride(-1) != 1 or v.stride(-1) != 1 or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or not available()):
             return super().write(pos, k, v)
         at = isinstance(pos.start, int)
-        torch.ops.multitoken.cache_write.default(self.k, self.v, k, v, None if at else pos.start,
+        torch.ops.multitoken.cache_write.default(cache_k, cache_v, k, v, None if at else pos.start,
                                                  pos.start if at else 0, pos.rows)
 
 

@@ -523,7 +523,7 @@ def draft_logits(model: Transformer, h: torch.Tensor, pos: Positions, index: tor
     """Logits (batch, k, vocab) of extra heads 1..k at token `index` of each row: the heads' keys and
     values are cached for every token of h, their full forward runs at `index` alone; as one computation
     where the CPU kernels run them (`grouped_heads`; unless `grouped=False`), else head by head."""
-    heads = list(model.extra_heads[:k])
+    heads = list(model.extra_heads)[:k]
     if grouped and grouped_heads.usable(heads, h):
         heads_out = grouped_heads.forward(heads, h, pos, index)
     else:
