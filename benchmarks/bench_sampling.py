@@ -6,9 +6,10 @@
   top_p, else a full sort) against the reference's full sort, on logits of a peaked distribution
   (where the top-k path applies) and a flat one (where it falls back); the drawn tokens are checked
   equal to the reference's, seed for seed.
-- the distribution the self-speculative paths test drafts against (`probs_from_logits`: the same
-  top-k shortcut, checking ties only at the cut; rows it cannot cut sorted one at a time) against
-  the reference's full sort scattered back to vocabulary order, checked bitwise equal.
+- the distribution the self-speculative paths test drafts against (`probs_from_logits`): with the CPU
+  kernels, its top-p step in one call (`kernels.top_p`), beside the same in ATen ("ATen probs": the
+  top-k shortcut, checking ties only at the cut; rows it cannot cut sorted one at a time) and the
+  reference's full sort scattered back to vocabulary order; all checked bitwise equal.
 - drawing one token from a distribution: `multitoken.sampling.draw` (inverse CDF, the
   self-speculative paths) against torch.multinomial.
 "bf16" logits are the peaked ones rounded to bfloat16, as a bf16 model's are: many tie.
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+from multitoken import kernels
 from multitoken.sampling import draw, probs_from_logits, sample
 
 
@@ -41,6 +43,15 @@ def reference_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sort[probs_sort.cumsum(-1) - probs_sort > top_p] = 0.0
     return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort / probs_sort.sum(-1, keepdim=True))
+
+
+def aten_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """probs_from_logits with its top-p step in ATen, as where the kernels do not run."""
+    runs, kernels.top_p_runs = kernels.top_p_runs, lambda probs: False
+    try:
+        return probs_from_logits(logits, temperature, top_p)
+    finally:
+        kernels.top_p_runs = runs
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -65,9 +76,10 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, temperature {a.temperature}, top_p {a.top_p}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, temperature {a.temperature}, "
+          f"top_p {a.top_p}, top-p kernel {'on' if kernels.top_p_runs(torch.zeros(1)) else 'off (ATen)'}")
     print(f"{'vocab':>6} {'rows':>4} {'logits':>7}   {'reference ms':>12} {'sample ms':>9} {'ratio':>6} {'same':>5}"
-          f"   {'ref. probs ms':>13} {'probs ms':>8} {'ratio':>6} {'same':>5}"
+          f"   {'ref. probs ms':>13} {'ATen probs ms':>13} {'probs ms':>8} {'ratio':>6} {'same':>5}"
           f"   {'multinomial ms':>14} {'draw ms':>7} {'ratio':>6}")
     for vocab in a.vocab:
         for rows in a.rows:
@@ -79,9 +91,11 @@ def main() -> None:
                 same = all(torch.equal(sample(logits, a.temperature, a.top_p, seeded(s)),
                                        reference_sample(logits, a.temperature, a.top_p, seeded(s))) for s in range(20))
                 probs = probs_from_logits(logits, a.temperature, a.top_p)
-                same_probs = torch.equal(probs, reference_probs(logits, a.temperature, a.top_p))
+                same_probs = (torch.equal(probs, reference_probs(logits, a.temperature, a.top_p))
+                              and torch.equal(probs, aten_probs(logits, a.temperature, a.top_p)))
                 ms = median_ms({
                     "reference probs": lambda: reference_probs(logits, a.temperature, a.top_p),
+                    "ATen probs": lambda: aten_probs(logits, a.temperature, a.top_p),
                     "probs": lambda: probs_from_logits(logits, a.temperature, a.top_p),
                     "reference": lambda: reference_sample(logits, a.temperature, a.top_p, seeded(0)),
                     "sample": lambda: sample(logits, a.temperature, a.top_p, seeded(0)),
@@ -90,7 +104,7 @@ def main() -> None:
                 }, a.repeats)
                 print(f"{vocab:>6} {rows:>4} {kind:>7}   {ms['reference']:>12.3f} {ms['sample']:>9.3f} "
                       f"{ms['reference'] / ms['sample']:>5.1f}x {'yes' if same else 'NO':>5}   "
-                      f"{ms['reference probs']:>13.3f} {ms['probs']:>8.3f} "
+                      f"{ms['reference probs']:>13.3f} {ms['ATen probs']:>13.3f} {ms['probs']:>8.3f} "
                       f"{ms['reference probs'] / ms['probs']:>5.1f}x "
                       f"{'yes' if same_probs else 'NO':>5}   "
                       f"{ms['multinomial']:>14.3f} {ms['draw']:>7.3f} {ms['multinomial'] / ms['draw']:>5.1f}x")

@@ -267,3 +267,53 @@ def test_steps_without_cpu_kernels_are_atens_again():
     assert model.layers[0].attention.sdpa is scaled_dot_product
     assert type(model.norm) is RMSNorm and type(model.extra_heads[0].attention.cache) is KVCache
     assert model.layers[0].attention.rotate is apply_rope
+
+
+def _aten_probs_from_logits(monkeypatch, logits, temperature, top_p):
+    from multitoken.sampling import probs_from_logits
+
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "top_p_runs", lambda probs: False)
+        return probs_from_logits(logits, temperature, top_p)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [7, 300, 4096, 49152])
+def test_top_p_kernel_gives_atens_distribution_bit_for_bit(monkeypatch, vocab):
+    from multitoken.sampling import probs_from_logits
+
+    torch.manual_seed(vocab)
+    for i in range(24 if vocab < 49152 else 8):
+        logits = torch.randn(1 + i % 5, vocab) * (0.5, 1, 3, 8, 30)[i % 5]
+        if i % 3 == 0:
+            logits = logits.bfloat16()  # ties, at the cut too: which of equal tokens stays is the sort's
+        if i % 4 == 1:
+            logits = logits.round()
+        # 1 - 1e-9 rounds to 1.0 in float32: the cut falls within a rounding of the mass of a flat row.
+        top_p = (0.9, 0.5, 0.95, 1 - 1e-9, 0.1, 0.999)[i % 6]
+        temperature = (0.6, 0.8, 1.0, 1.7)[i % 4]
+        expected = _aten_probs_from_logits(monkeypatch, logits, temperature, top_p)
+        assert torch.equal(probs_from_logits(logits, temperature, top_p), expected), (i, top_p, temperature)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_p_kernel_takes_a_top_p_per_row(monkeypatch, dtype):
+    from multitoken.sampling import probs_from_logits
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 6, 4096) * 4).bfloat16()
+    top_p = torch.tensor([0.1, 0.5, 0.9, 0.95, 1.0, 0.7], dtype=dtype)[:, None]
+    expected = _aten_probs_from_logits(monkeypatch, logits, 0.8, top_p)
+    assert torch.equal(probs_from_logits(logits, 0.8, top_p), expected)
+    assert (expected > 0).sum(-1)[0, 0] < (expected > 0).sum(-1)[0, 3]
+
+
+@needs_kernel
+def test_top_p_kernel_names_bad_arguments():
+    probs = torch.softmax(torch.randn(3, 50), -1)
+    with pytest.raises(RuntimeError, match="probs must be a float32"):
+        torch.ops.multitoken.top_p(probs.double(), torch.full((3,), 0.9, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"top_p must be float64 \(rows,\)"):
+        torch.ops.multitoken.top_p(probs, torch.full((2,), 0.9, dtype=torch.float64))
+    assert not kernels.top_p_runs(probs.requires_grad_())

@@ -2,6 +2,8 @@
 (`PackedLinear`) and attention of a few queries (`attention`); and, for eager steps, whose time goes
 mostly to calling operators, the norms (`KernelRMSNorm`), rotations (`rotate`) and indexed KV cache
 stores (`KernelKVCache`) each as one call (eight, nine and about twelve operator calls in ATen).
+Beside them (`csrc/top_p.cpp`), the top-p truncation of sampling's distributions (`top_p`), ATen's
+numbers bit for bit at a third to a half of its cost.
 
 A decode step multiplies 1 to a few dozen rows (a token, or the last token and its drafts, per batch
 row) by every weight matrix. ATen's bf16 products pay ~30 us a call here whatever their size and grow
@@ -36,6 +38,8 @@ from multitoken.model import KVCache, Positions, RMSNorm, apply_rope, scaled_dot
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_linear.cpp"
+# Built into one library with SOURCE: top-p truncation for sampling (`top_p`).
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "top_p.cpp")
 BLOCK = 16  # outputs per packed block: one 512-bit vector of float32 sums
 TILE = 128  # outputs per packed tile: 8 blocks, whose weights are one stream in memory
 # Up to this many rows (tokens x batch) a product runs in the kernel; more (a prefill) go to ATen,
@@ -54,18 +58,19 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _build(so_path: Path, source: Path = SOURCE) -> None:
-    """Compile `source` against this torch into so_path (a temporary name, then renamed: concurrent
+def _build(so_path: Path, sources: Path | Iterable[Path] = SOURCES) -> None:
+    """Compile `sources` against this torch into so_path (a temporary name, then renamed: concurrent
     builds and a killed one never leave a half-written library)."""
     from torch.utils.cpp_extension import include_paths
 
     torch_lib = Path(torch.__file__).parent / "lib"
+    sources = [sources] if isinstance(sources, Path) else list(sources)
     so_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=so_path.parent) as tmp:
         out = Path(tmp) / so_path.name
         cmd = [os.environ.get("CXX", "c++"), "-O3", "-std=c++20", "-shared", "-fPIC", "-march=x86-64-v4",
                "-mavx512bf16", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *[f"-I{p}" for p in include_paths()], str(source), "-o", str(out),
+               *[f"-I{p}" for p in include_paths()], *map(str, sources), "-o", str(out),
                # torch's own OpenMP runtime (libgomp.so.1 in torch/lib), already loaded: one thread pool.
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -90,6 +95,10 @@ def _rope_shape(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
+def _top_p_shape(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    return probs.new_empty(probs.shape)
+
+
 def supported() -> bool:
     """Whether the kernels can run on this host (without building them): x86-64 Linux with AVX-512 BF16,
     and not turned off (MULTITOKEN_KERNELS=0)."""
@@ -98,8 +107,8 @@ def supported() -> bool:
 
 
 def _so_path() -> Path:
-    # One build per source and torch version, kept across processes.
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    # One build per version of the sources and torch, kept across processes.
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + torch.__version__.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MULTITOKEN_CACHE", Path.home() / ".cache" / "multitoken"))
     return cache / "kernels" / key / "packed_linear.so"
 
@@ -123,7 +132,7 @@ def available() -> bool:
         torch.ops.load_library(str(so_path))
         for op, shape in [("packed_linear", _packed_linear_shape), ("packed_linear_group", _packed_linear_shape),
                           ("few_query_attention", _attention_shape), ("few_query_attention_group", _attention_shape),
-                          ("rms_norm", _rms_norm_shape), ("rope", _rope_shape)]:
+                          ("rms_norm", _rms_norm_shape), ("rope", _rope_shape), ("top_p", _top_p_shape)]:
             torch.library.register_fake(f"multitoken::{op}")(shape)
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("multitoken: the bf16 CPU kernels did not build or load (%s); using ATen's", build_error(e))
@@ -318,3 +327,24 @@ def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     if not _elementwise_runs(x):
         return apply_rope(x, rope)
     return torch.ops.multitoken.rope.default(x, rope)
+
+
+def top_p_runs(probs: torch.Tensor) -> bool:
+    """Whether `top_p` runs on probs in the kernel: float32 on the CPU, no gradients."""
+    return probs.dtype == torch.float32 and probs.is_cpu and not probs.requires_grad and available()
+
+
+def top_p(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """`sampling.probs_from_logits`'s top-p step in one kernel call (where `top_p_runs`): the tokens of
+    each row of probs (..., vocab) kept while the probability mass before them (best first, equal
+    probabilities by id) is at most top_p, renormalised, in vocabulary order; zeros elsewhere. top_p
+    is a float or a tensor broadcastable to probs[..., :1], compared with that mass as ATen compares
+    them (a float as float32). The kept tokens are the reference's; a kept probability may differ from
+    ATen's by a rounding of the sum it is divided by."""
+    rows = probs.shape[:-1]
+    if isinstance(top_p, torch.Tensor):
+        top_p = top_p.to(probs.device).expand(*rows, 1).reshape(-1).double()
+    else:
+        top_p = torch.full((rows.numel(),), top_p, dtype=torch.float32).double()
+    out = torch.ops.multitoken.top_p.default(probs.reshape(-1, probs.shape[-1]), top_p)
+    return out.view(probs.shape)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from multitoken import kernels
+
 
 def check_sampling_args(temperature: float, top_p: float) -> None:
     if not temperature >= 0:  # also rejects NaN
@@ -63,10 +65,13 @@ def probs_from_logits(
     logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor
 ) -> torch.Tensor:
     """The distribution plain sampling draws from, over the vocabulary in its own order (temperature > 0).
-    Either setting may be a tensor broadcastable to logits[..., :1]: a value per row of a batch."""
+    Either setting may be a tensor broadcastable to logits[..., :1]: a value per row of a batch. On a
+    CPU with the kernels, the top-p step is one call (`kernels.top_p`), the same numbers bit for bit."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return probs
+    if kernels.top_p_runs(probs):
+        return kernels.top_p(probs, top_p)  # the same numbers in one call instead of ~10 (~0.1 ms a row here)
     probs_sort, probs_idx = _top_p_sorted(probs, top_p, tie_order=False)
     # scatter_add: ids past the kept ones may repeat (with zeros), and adding 0 changes nothing.
     return torch.zeros_like(probs).scatter_add_(-1, probs_idx, probs_sort)
