@@ -107,6 +107,10 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None) 
     """(max_seq_len, 2, 1, head_dim) float32 table of Meta's rotations (frequencies theta^(-2i/hd)):
     per position, cos of pair i at dims 2i and 2i + 1, then -sin at 2i and sin at 2i + 1, as
     `apply_rope` multiplies them; the 1 broadcasts over attention heads."""
+    if torch.empty(0, device=device).is_meta:
+        # A meta table has a shape and nothing else (the real one is built where the weights land), and
+        # arithmetic on meta tensors imports torch._dynamo on first use (`Transformer`).
+        return torch.empty(max_seq_len, 2, 1, head_dim, device=device)
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     cos, sin = angles.cos(), angles.sin()
@@ -292,7 +296,12 @@ class Transformer(nn.Module):
             )
         self.args = args
         n = args.n_future_tokens
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Built on the meta device (load_model: the checkpoint brings the weights), the embedding skips
+        # its random init: a meta tensor's normal_ runs through torch's Python references, whose first
+        # use imports torch._dynamo (1.2 s, half of what `multitoken generate` took here).
+        meta = torch.empty(0).is_meta
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim,
+                                           _weight=torch.empty(args.vocab_size, args.dim) if meta else None)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers - n + 1))
         self.extra_heads = nn.ModuleList(TransformerBlock(args) for _ in range(n - 1))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)

@@ -145,7 +145,9 @@ def _fuse(module: nn.Module, name: str, parts: list[nn.Linear]) -> None:
     """Give `module` a linear layer `name` over the stacked weights of `parts`, whose weights become
     row views of it: the same parameters and memory, one product instead of len(parts)."""
     weight = torch.cat([part.weight.detach() for part in parts])
-    fused = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False, device="meta")
+    # On the meta device (no memory, no init) until it takes the fused weight; skip_init's to_empty
+    # would run a meta empty_like, whose first use imports much of torch's compiler stack (0.4 s).
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     # A RowwiseLinear stays one; a PackedLinear's packed copy is the caller's to make (DecodeSteps).
     fused.__class__ = RowwiseLinear if isinstance(parts[0], RowwiseLinear) else nn.Linear
     fused.weight = nn.Parameter(weight, requires_grad=False)
