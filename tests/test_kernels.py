@@ -9,6 +9,7 @@ from multitoken.generation import Llama
 from multitoken.kernels import (
     ATTENTION_MAX_QUERIES,
     PACKED_MAX_ROWS,
+    KernelBlock,
     KernelKVCache,
     KernelRMSNorm,
     PackedLinear,
@@ -16,7 +17,7 @@ from multitoken.kernels import (
     pack_weight,
     use_packed_matmuls,
 )
-from multitoken.model import KVCache, Positions, RMSNorm, apply_rope, precompute_rope, scaled_dot_product
+from multitoken.model import KVCache, Positions, RMSNorm, TransformerBlock, apply_rope, precompute_rope, scaled_dot_product
 from multitoken.steps import DecodeSteps, block_products, inference_products
 from test_generation import IdTokenizer
 
@@ -267,6 +268,81 @@ def test_steps_without_cpu_kernels_are_atens_again():
     assert model.layers[0].attention.sdpa is scaled_dot_product
     assert type(model.norm) is RMSNorm and type(model.extra_heads[0].attention.cache) is KVCache
     assert model.layers[0].attention.rotate is apply_rope
+
+
+class _CallCounter:
+    """Stands in for torch.ops.multitoken.block: counts the calls of its `default` and makes them."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def default(self, *args):
+        self.calls += 1
+        return self.op.default(*args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["one token", "prompt", "own offsets", "cache rows", "tree", "int start, 3 tokens"])
+def test_block_kernel_is_the_blocks_forward_bit_for_bit(monkeypatch, where):
+    model = random_model(tiny_args(n_future_tokens=2), dtype=torch.bfloat16, std=0.3)
+    model.setup_caches(4, 64)
+    DecodeSteps(model)
+    block = model.layers[1]
+    assert type(block) is KernelBlock
+    torch.manual_seed(0)
+    seq = {"one token": 1, "prompt": 6, "int start, 3 tokens": 3}.get(where, 4)
+    with torch.inference_mode():
+        model(torch.randint(0, 300, (3, 20)), 0)  # something in the caches to attend
+        if where == "one token":
+            pos = model.positions(20, 3, seq)
+        elif where == "prompt":
+            pos = model.positions(0, 3, seq)
+        elif where == "int start, 3 tokens":
+            pos = model.positions(20, 3, seq)
+        elif where == "own offsets":
+            pos = model.positions(torch.tensor([20, 14, 17]), 3, seq)
+        elif where == "cache rows":
+            pos = model.positions(torch.tensor([20, 14, 17]), 3, seq, rows=torch.tensor([2, 0, 3]))
+        else:  # siblings that share a position, each seeing the prompt, its ancestors and itself
+            slots = torch.tensor([[20, 21, 22, 23]] * 3)
+            at = torch.tensor([[20, 21, 21, 22]] * 3)
+            tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+            mask = torch.cat([torch.ones(3, 4, 20, dtype=torch.bool), tree.expand(3, 4, 4)], dim=-1)
+            pos = model.positions_at(slots, at, mask)
+        x = (torch.randn(3, seq, 64) * 2).to(torch.bfloat16)
+        cache = block.attention.cache
+        before = cache.k.clone(), cache.v.clone()
+        counter = _CallCounter(torch.ops.multitoken.block)
+        monkeypatch.setattr(torch.ops.multitoken, "block", counter)
+        got, got_k, got_v = block(x, pos), cache.k.clone(), cache.v.clone()
+        assert counter.calls == 1
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+        expected = TransformerBlock.forward(block, x, pos)
+    assert torch.equal(got, expected) and torch.equal(got_k, cache.k) and torch.equal(got_v, cache.v)
+    assert not torch.equal(got_k, before[0])
+
+
+@needs_kernel
+def test_block_kernel_leaves_what_it_does_not_cover_to_the_block(monkeypatch):
+    model = random_model(tiny_args(n_future_tokens=2), dtype=torch.bfloat16, std=0.3)
+    model.setup_caches(2, 128)
+    steps = DecodeSteps(model)
+    counter = _CallCounter(torch.ops.multitoken.block)
+    monkeypatch.setattr(torch.ops.multitoken, "block", counter)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (2, 70)), 0)  # a prompt past PACKED_MAX_ROWS tokens: ATen's products
+        assert counter.calls == 0
+        pos = model.positions(torch.tensor([70, 60]), 2, 3)
+        h = model.forward_trunk(torch.randint(0, 300, (2, 3)), pos)
+        calls = counter.calls
+        assert calls == len(model.layers) - 1
+        model.forward_head(1, h, pos, torch.tensor([2, 0]))  # an extra head at one token per row
+        assert counter.calls == calls
+    model.forward_trunk(torch.randint(0, 300, (2, 3)), pos)  # gradients on
+    assert counter.calls == calls
+    DecodeSteps(model, cpu_kernels=False)
+    assert not any(type(b) is KernelBlock for b in [*model.layers, *model.extra_heads])
+    assert steps is not None
 
 
 def _aten_probs_from_logits(monkeypatch, logits, temperature, top_p):

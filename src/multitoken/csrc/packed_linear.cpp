@@ -9,9 +9,11 @@
 // adds over the inputs whatever the other rows are, so a row's result does not depend on how many rows
 // the product has: a verify step computes each token exactly as a 1-token step does.
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -315,14 +317,15 @@ AttentionOperands attention_operands(const at::Tensor& q, const at::Tensor& k, c
 // Attention of a few queries per row over a cache span for one or more layers' operands of the same
 // shapes (scores from the bf16 queries and keys as they are, products summed in float32 by vdpbf16ps;
 // softmax and the weighted sum of the values in float32): q (batch, heads, n_q, head_dim), k and v (batch, kv_heads, keys, head_dim), mask
-// (batch, 1, n_q, keys) broadcastable, True where a query sees a key; without a mask, query t sees keys
+// (batch, 1, n_q, keys) broadcastable or (n_q, keys), True where a query sees a key; without a mask, query t sees keys
 // 0 .. keys - n_q + t (the queries are the last tokens). The queries that share a kv head read each
 // block of 16 keys, and each value, once. Each query's scores, softmax and weighted sum run in the same
 // order whatever the other queries (and layers) are: a token attends exactly as it does in a 1-token step.
 void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, const at::Tensor& k,
             const std::optional<at::Tensor>& mask_arg) {
   const bool causal = !mask_arg.has_value();
-  const at::Tensor mask = causal ? at::ones({1, 1, 1, 1}, q.options().dtype(at::kBool)) : *mask_arg;
+  at::Tensor mask = causal ? at::ones({1, 1, 1, 1}, q.options().dtype(at::kBool)) : *mask_arg;
+  if (mask.dim() == 2) mask = mask.view({1, 1, mask.size(0), mask.size(1)});  // (n_q, keys): every row alike
   TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == at::kBool, "few_query_attention: a 4-d bool mask");
   const int64_t batch = q.size(0), heads = q.size(1), n_q = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), keys = k.size(2);
@@ -582,6 +585,41 @@ void cache_write(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, 
   }
 }
 
+// A transformer block's forward over every token of x (batch, seq, dim), bf16, as an eager decode step
+// computes it with the kernels above (multitoken.kernels.KernelBlock): the same operations in the same
+// order, ATen's for the residual adds and the SiLU, called here instead of ~30 calls from Python, so
+// the same numbers bit for bit. packed: the fused q/k/v, output, fused gate/up and down products'
+// packed weights, out_features their outputs; norms: the attention and feed-forward norms' weights;
+// rope_rows, mask, slots (or start) and rows: the tokens' rotary rows, attention mask, cache slots and
+// cache rows, as model.Positions holds them; end: the cache slots the queries may see.
+at::Tensor block(const at::Tensor& x, at::TensorList packed, at::IntArrayRef out_features, at::TensorList norms,
+                 double eps, int64_t n_heads, int64_t n_kv_heads, const at::Tensor& rope_rows,
+                 const std::optional<at::Tensor>& mask, at::Tensor& cache_k, at::Tensor& cache_v,
+                 const std::optional<at::Tensor>& slots, int64_t start, const std::optional<at::Tensor>& rows,
+                 int64_t end) {
+  TORCH_CHECK(x.dim() == 3 && packed.size() == 4 && out_features.size() == 4 && norms.size() == 2 &&
+              cache_k.dim() == 4, "block: x must be (batch, seq, dim), with 4 packed products and 2 norms");
+  const int64_t bsz = x.size(0), seq = x.size(1), head_dim = cache_k.size(3);
+  const int64_t q_features = n_heads * head_dim, kv_features = n_kv_heads * head_dim;
+  TORCH_CHECK(out_features[0] == q_features + 2 * kv_features && end >= 1 && end <= cache_k.size(2),
+              "block: the q/k/v product must have ", q_features + 2 * kv_features, " outputs (it has ",
+              out_features[0], ") and end must be a cache slot count (", end, " of ", cache_k.size(2), ")");
+  const at::Tensor qkv = packed_linear(rms_norm(x, norms.slice(0, 1), eps, false)[0], packed[0], out_features[0]);
+  const std::vector<at::Tensor> parts = qkv.split_with_sizes({q_features, kv_features, kv_features}, -1);
+  const at::Tensor k = rope(parts[1].view({bsz, seq, n_kv_heads, head_dim}), rope_rows).transpose(1, 2);
+  const at::Tensor v = parts[2].view({bsz, seq, n_kv_heads, head_dim}).transpose(1, 2);
+  cache_write(cache_k, cache_v, k, v, slots, start, rows);
+  // What model.KVCache.update returns: slots 0 .. end of the batch's cache rows.
+  const at::Tensor keys = (rows ? cache_k.index_select(0, *rows) : cache_k.narrow(0, 0, bsz)).narrow(2, 0, end);
+  const at::Tensor values = (rows ? cache_v.index_select(0, *rows) : cache_v.narrow(0, 0, bsz)).narrow(2, 0, end);
+  const at::Tensor q = rope(parts[0].view({bsz, seq, n_heads, head_dim}), rope_rows).transpose(1, 2);
+  const at::Tensor out = few_query_attention(q, keys, values, mask);
+  const at::Tensor h = x + packed_linear(out.transpose(1, 2).reshape({bsz, seq, -1}), packed[1], out_features[1]);
+  const std::vector<at::Tensor> gate_up =
+      packed_linear(rms_norm(h, norms.slice(1, 1), eps, false)[0], packed[2], out_features[2]).chunk(2, -1);
+  return h + packed_linear(at::silu(gate_up[0]) * gate_up[1], packed[3], out_features[3]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multitoken, m) {
@@ -592,6 +630,9 @@ TORCH_LIBRARY(multitoken, m) {
   m.def("rms_norm(Tensor x, Tensor[] weights, float eps, bool per_group) -> Tensor");
   m.def("rope(Tensor x, Tensor table) -> Tensor");
   m.def("cache_write(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor? slots, int start, Tensor? rows) -> ()");
+  m.def("block(Tensor x, Tensor[] packed, int[] out_features, Tensor[] norms, float eps, int n_heads, int n_kv_heads, "
+        "Tensor rope_rows, Tensor? mask, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor? slots, int start, Tensor? rows, "
+        "int end) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
@@ -602,4 +643,5 @@ TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("rope", rope);
   m.impl("cache_write", cache_write);
+  m.impl("block", block);
 }
