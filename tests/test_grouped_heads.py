@@ -108,3 +108,19 @@ def test_grouped_heads_run_only_where_the_kernels_do():
     DecodeSteps(model, cpu_kernels=False)
     with torch.inference_mode():
         assert not grouped_heads.usable(heads, h)
+
+
+@needs_kernel
+def test_grouped_heads_in_one_kernel_call_are_the_grouped_path_bit_for_bit():
+    # Eager steps run the grouped heads as one call (`head_group`); the same operations from Python
+    # must give the same drafts and caches, bit for bit.
+    args = tiny_args(n_future_tokens=4, n_layers=6, dim=64, n_heads=4, n_kv_heads=2)
+    calls, one_call = [], grouped_heads._one_call
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(grouped_heads, "_one_call", lambda *a: calls.append(1) or one_call(*a))
+        one = _drafts(random_model(args, dtype=torch.bfloat16, std=0.3), True, False, pytest.MonkeyPatch())
+    assert len(calls) == 5  # the prefill's drafts, three steps' and a greedy step's
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(grouped_heads, "_in_one_call", lambda *a: False)
+        python = _drafts(random_model(args, dtype=torch.bfloat16, std=0.3), True, False, pytest.MonkeyPatch())
+    assert len(one) == len(python) and all(torch.equal(a, b) for a, b in zip(one, python))

@@ -8,6 +8,9 @@ head's block is ~7 operator calls of a few microseconds' work each: eagerly, whe
 of microseconds, grouping makes the greedy speculative step ~5% faster; compiled, about the same
 (`benchmarks/bench_steps.py --compare heads [--eager]`).
 
+Eagerly, with per-row positions and fused products, the whole computation is one kernel call
+(`head_group`, the same operations from C++: ~120 us less a step at batch 1 here).
+
 Only where the bf16 CPU kernels run the heads' products and attention (`DecodeSteps(cpu_kernels=True)`):
 their outputs do not depend on what else a call computes, so grouped heads give the per-head path's
 drafts bit for bit (`tests/test_grouped_heads.py`). Elsewhere `usable` is False and the heads run one by
@@ -65,6 +68,8 @@ def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, inde
     """The outputs (batch, G, dim) of heads[g] at token index[b] of each row of h (batch, seq, dim), before
     the shared norm and unembedding; every head's keys and values are cached for every token of h.
     The same as `torch.cat([head(h, pos, index) for head in heads], 1)` (`usable(heads, h)` first)."""
+    if _in_one_call(heads, h, pos):
+        return _one_call(heads, h, pos, index)
     n, a = len(heads), heads[0].attention
     bsz, seqlen, _ = h.shape
     x = _norm(h, [b.attention_norm for b in heads])  # (G, batch, seq, dim)
@@ -93,4 +98,31 @@ def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, inde
         gate = kernels.linear_group(x, [b.feed_forward.w1 for b in heads])
         up = kernels.linear_group(x, [b.feed_forward.w3 for b in heads])
     out = hh + kernels.linear_group(F.silu(gate) * up, [b.feed_forward.w2 for b in heads])
+    return out[:, :, 0].transpose(0, 1)
+
+
+def _in_one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions) -> bool:
+    """Whether `forward` runs as one kernel call (`head_group`): eagerly, with per-row positions, fused
+    products, the kernels' norms and rotations, bf16 caches (beside what `usable` checked)."""
+    if torch.compiler.is_compiling() or isinstance(pos.start, int) or pos.mask is None or pos.mask.dim() != 4:
+        return False
+    a = heads[0].attention
+    return (isinstance(a, steps.FusedAttention) and isinstance(heads[0].feed_forward, steps.FusedFeedForward)
+            and type(heads[0].attention_norm) is kernels.KernelRMSNorm and type(heads[0].ffn_norm) is kernels.KernelRMSNorm
+            and a.rotate is kernels.rotate and kernels._elementwise_runs(h) and a.head_dim % kernels.BLOCK == 0
+            and a.head_dim <= 256 and all(b.attention.cache.k.dtype == h.dtype for b in heads))
+
+
+def _one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor) -> torch.Tensor:
+    """`forward` in one kernel call: the same operations from C++, the same numbers bit for bit."""
+    a, f = heads[0].attention, heads[0].feed_forward
+    packed, norms, caches = [], [], []
+    for b in heads:
+        packed += [b.attention.wqkv.refresh(), b.attention.wo.refresh(), b.feed_forward.w13.refresh(),
+                   b.feed_forward.w2.refresh()]
+        norms += [b.attention_norm.weight, b.ffn_norm.weight]
+        caches += [b.attention.cache.k, b.attention.cache.v]
+    out_features = [a.wqkv.weight.shape[0], a.wo.weight.shape[0], f.w13.weight.shape[0], f.w2.weight.shape[0]]
+    out = torch.ops.multitoken.head_group.default(h, index, packed, out_features, norms, heads[0].attention_norm.eps,
+                                                  a.n_heads, a.n_kv_heads, pos.rope, pos.mask, caches, pos.start, pos.rows)
     return out[:, :, 0].transpose(0, 1)

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/silu.h>
@@ -620,6 +621,63 @@ at::Tensor block(const at::Tensor& x, at::TensorList packed, at::IntArrayRef out
   return h + packed_linear(at::silu(gate_up[0]) * gate_up[1], packed[3], out_features[3]);
 }
 
+// G extra heads' blocks on the same trunk output h (batch, seq, dim), bf16, as multitoken.grouped_heads
+// computes them with the kernels above: every head's keys and values cached for every token, its whole
+// forward at token index[b] of each row alone; out (G, batch, 1, dim). The same operations in the same
+// order as there, called here instead of ~40 calls from Python, so the same numbers bit for bit.
+// Per head g: packed[4 g .. 4 g + 4) its fused q/k/v, output, fused gate/up and down products, norms[2 g],
+// norms[2 g + 1] its two norms' weights, caches[2 g], caches[2 g + 1] its key and value caches. Positions
+// as `block` takes them, per row (slots (batch, seq), mask (batch, 1, seq, end)).
+at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorList packed, at::IntArrayRef out_features,
+                      at::TensorList norms, double eps, int64_t n_heads, int64_t n_kv_heads, const at::Tensor& rope_rows,
+                      const at::Tensor& mask, at::TensorList caches, const at::Tensor& slots,
+                      const std::optional<at::Tensor>& rows) {
+  const int64_t groups = (int64_t)packed.size() / 4;
+  TORCH_CHECK(h.dim() == 3 && groups > 0 && (int64_t)packed.size() == 4 * groups && out_features.size() == 4 &&
+              (int64_t)norms.size() == 2 * groups && (int64_t)caches.size() == 2 * groups && mask.dim() == 4 &&
+              index.dim() == 1 && index.size(0) == h.size(0),
+              "head_group: h must be (batch, seq, dim), index (batch,), with 4 products, 2 norms and 2 caches a head");
+  const int64_t bsz = h.size(0), seq = h.size(1), dim = h.size(2), head_dim = caches[0].size(3);
+  const int64_t q_features = n_heads * head_dim, kv_features = n_kv_heads * head_dim, end = mask.size(-1);
+  TORCH_CHECK(out_features[0] == q_features + 2 * kv_features, "head_group: the q/k/v products must have ",
+              q_features + 2 * kv_features, " outputs, not ", out_features[0]);
+  auto every = [&](int64_t stage) {
+    std::vector<at::Tensor> w;
+    for (int64_t g = 0; g < groups; ++g) w.push_back(packed[4 * g + stage]);
+    return w;
+  };
+  auto norm_weights = [&](int64_t which) {
+    std::vector<at::Tensor> w;
+    for (int64_t g = 0; g < groups; ++g) w.push_back(norms[2 * g + which]);
+    return w;
+  };
+  // Token index[b] of row b: its flat row among the batch's tokens.
+  const at::Tensor chosen = at::arange(bsz, index.options()) * seq + index;
+  const std::vector<at::Tensor> parts =
+      packed_linear_group(rms_norm(h, norm_weights(0), eps, false), every(0), out_features[0])
+          .split_with_sizes({q_features, kv_features, kv_features}, -1);
+  const at::Tensor q_all = parts[0];  // (G, batch, seq, q_features)
+  const at::Tensor k = rope(parts[1].view({groups, bsz, seq, n_kv_heads, head_dim}), rope_rows).transpose(2, 3);
+  const at::Tensor v = parts[2].view({groups, bsz, seq, n_kv_heads, head_dim}).transpose(2, 3);
+  std::vector<at::Tensor> keys, values;
+  for (int64_t g = 0; g < groups; ++g) {
+    at::Tensor cache_k = caches[2 * g], cache_v = caches[2 * g + 1];
+    cache_write(cache_k, cache_v, k[g], v[g], slots, 0, rows);
+    keys.push_back((rows ? cache_k.index_select(0, *rows) : cache_k.narrow(0, 0, bsz)).narrow(2, 0, end));
+    values.push_back((rows ? cache_v.index_select(0, *rows) : cache_v.narrow(0, 0, bsz)).narrow(2, 0, end));
+  }
+  const at::Tensor q_one = q_all.reshape({groups, bsz * seq, q_features}).index_select(1, chosen);
+  const at::Tensor rope_one = rope_rows.reshape({bsz * seq, 2, 1, head_dim}).index_select(0, chosen).unsqueeze(1);
+  const at::Tensor mask_one = mask.select(1, 0).reshape({bsz * seq, end}).index_select(0, chosen).view({bsz, 1, 1, end});
+  const at::Tensor q = rope(q_one.view({groups, bsz, 1, n_heads, head_dim}), rope_one).transpose(2, 3);
+  const at::Tensor out = few_query_attention_group(q, keys, values, mask_one);
+  const at::Tensor h_one = h.reshape({bsz * seq, dim}).index_select(0, chosen).unsqueeze(1);
+  const at::Tensor hh = h_one + packed_linear_group(out.transpose(2, 3).reshape({groups, bsz, 1, -1}), every(1), out_features[1]);
+  const std::vector<at::Tensor> gate_up =
+      packed_linear_group(rms_norm(hh, norm_weights(1), eps, true), every(2), out_features[2]).chunk(2, -1);
+  return hh + packed_linear_group(at::silu(gate_up[0]) * gate_up[1], every(3), out_features[3]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multitoken, m) {
@@ -633,6 +691,8 @@ TORCH_LIBRARY(multitoken, m) {
   m.def("block(Tensor x, Tensor[] packed, int[] out_features, Tensor[] norms, float eps, int n_heads, int n_kv_heads, "
         "Tensor rope_rows, Tensor? mask, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor? slots, int start, Tensor? rows, "
         "int end) -> Tensor");
+  m.def("head_group(Tensor h, Tensor index, Tensor[] packed, int[] out_features, Tensor[] norms, float eps, int n_heads, "
+        "int n_kv_heads, Tensor rope_rows, Tensor mask, Tensor(a!)[] caches, Tensor slots, Tensor? rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
@@ -644,4 +704,5 @@ TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("rope", rope);
   m.impl("cache_write", cache_write);
   m.impl("block", block);
+  m.impl("head_group", head_group);
 }
