@@ -370,11 +370,11 @@ def top_p_runs(probs: torch.Tensor) -> bool:
 
 def top_p(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """`sampling.probs_from_logits`'s top-p step in one kernel call (where `top_p_runs`): the tokens of
-    each row of probs (..., vocab) kept while the probability mass before them (best first, equal
-    probabilities by id) is at most top_p, renormalised, in vocabulary order; zeros elsewhere. top_p
-    is a float or a tensor broadcastable to probs[..., :1], compared with that mass as ATen compares
-    them (a float as float32). The kept tokens are the reference's; a kept probability may differ from
-    ATen's by a rounding of the sum it is divided by."""
+    each row of probs (..., vocab) kept while the probability mass before them (best first) is at most
+    top_p, renormalised, in vocabulary order; zeros elsewhere. top_p is a float or a tensor
+    broadcastable to probs[..., :1], compared with that mass as ATen compares them (a float as
+    float32). ATen's result bit for bit: rows whose cut splits tokens of equal probability (which of
+    them stay is torch.sort's order) or lies within a few roundings of top_p take ATen's full sort."""
     rows = probs.shape[:-1]
     if isinstance(top_p, torch.Tensor):
         top_p = top_p.to(probs.device).expand(*rows, 1).reshape(-1).double()
