@@ -7,7 +7,9 @@
 // the layout of the vdpbf16ps instruction: each load then serves every row, each row's input pair is one
 // broadcast, and outputs need no horizontal sums. Every output is the same sequence of float32 multiply-
 // adds over the inputs whatever the other rows are, so a row's result does not depend on how many rows
-// the product has: a verify step computes each token exactly as a 1-token step does.
+// the product has: a verify step computes each token exactly as a 1-token step does. The same layout is
+// the rows of an AMX weight tile (16 pairs of a block, 512 bytes apart): on CPUs with AMX the products
+// run on its tiles (`amx_available`).
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -16,12 +18,17 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/silu.h>
 #include <torch/library.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <utility>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace {
@@ -116,18 +123,112 @@ void check_packed(const at::Tensor& packed, int64_t k, int64_t out_features) {
 // y[g] (rows, n) = x[g] (rows, k) @ W[g].T for each of the G weights, packed by pack_weight (each
 // (tiles, k / 2, kTile, 2 * kBlock)): one loop over every product's tiles, which the threads split.
 // Each output is computed as by a product of its own.
+// AMX (Intel's tile matrix unit), where the CPU has it and Linux grants the process its tile state:
+// TDPBF16PS multiplies up to 16 rows by 16 outputs over 32 inputs in one instruction. Its float32
+// sums are not vdpbf16ps's bit for bit, but each output's depends only on its own row, as theirs does:
+// so on such a CPU every product whose inputs are a multiple of 32 runs on it, whatever its rows, and
+// a verify step still computes each token exactly as a 1-token step does. MULTITOKEN_AMX=0 turns it off.
+constexpr int64_t kAmxInputs = 32;  // inputs per tile multiply: 16 pairs
+bool amx_available() {
+  static const bool ok = [] {
+    const char* env = std::getenv("MULTITOKEN_AMX");
+    if (env && std::string(env) == "0") return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0 the rows' 32 inputs, 1-3 a block's 16 pairs x 16 outputs, 4-7 four blocks' sums.
+void configure_tiles(int64_t rows) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = (t >= 1 && t <= 3) ? 16 : (uint8_t)rows;
+  }
+  _tile_loadconfig(&config);
+}
+
+// Rows x[0 .. R) (R <= 16, `inputs` each, a multiple of 32) times one packed tile of 8 blocks (w: its
+// first pair), written to y[:, n0 ...) up to n outputs. Each output sums the 32-input chunks in order.
+void amx_tile_rows(const at::BFloat16* x, int64_t inputs, int64_t rows, const __m512i* w, at::BFloat16* y, int64_t n,
+                   int64_t n0) {
+  alignas(64) float sums[16 * kBlock];
+  constexpr int64_t stride = kTile * 64;  // bytes from one pair of a block to the next
+  for (int64_t half = 0; half < kTile; half += 4) {
+    const int64_t o0 = n0 + half * kBlock;
+    if (o0 >= n) break;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t c = 0; c < inputs / kAmxInputs; ++c) {
+      _tile_loadd(0, x + c * kAmxInputs, inputs * 2);
+      const __m512i* wc = w + c * (kAmxInputs / 2) * kTile + half;
+      _tile_loadd(1, wc, stride);
+      _tile_dpbf16ps(4, 0, 1);
+      _tile_loadd(2, wc + 1, stride);
+      _tile_dpbf16ps(5, 0, 2);
+      _tile_loadd(3, wc + 2, stride);
+      _tile_dpbf16ps(6, 0, 3);
+      _tile_loadd(1, wc + 3, stride);
+      _tile_dpbf16ps(7, 0, 1);
+    }
+    for (int64_t b = 0; b < 4; ++b) {
+      switch (b) {
+        case 0: _tile_stored(4, sums, kBlock * 4); break;
+        case 1: _tile_stored(5, sums, kBlock * 4); break;
+        case 2: _tile_stored(6, sums, kBlock * 4); break;
+        default: _tile_stored(7, sums, kBlock * 4); break;
+      }
+      const int64_t o = o0 + b * kBlock;
+      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(kBlock, n - o));
+      if (valid == 0) break;
+      const __mmask16 mask = (__mmask16)((1u << valid) - 1);
+      for (int64_t r = 0; r < rows; ++r)
+        _mm256_mask_storeu_epi16(y + r * n + o, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + r * kBlock)));
+    }
+  }
+}
+
+// y[g] (rows, n) = x[g] (rows, k) @ W[g].T for each of the G weights, packed by pack_weight (each
+// (tiles, k / 2, kTile, 2 * kBlock)): one loop over every product's tiles, which the threads split.
+// Each output is computed as by a product of its own.
 void products(const at::BFloat16* x, const std::vector<const __m512i*>& weights, int64_t tiles, int64_t pairs,
               int64_t rows, at::BFloat16* y, int64_t n) {
   const int64_t threads = at::get_num_threads(), total = (int64_t)weights.size() * tiles;
+  const bool amx = (2 * pairs) % kAmxInputs == 0 && amx_available();
   at::parallel_for(0, total, (total + threads - 1) / threads, [&](int64_t i0, int64_t i1) {
+    int64_t configured = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t g = i / tiles, t = i % tiles;
+      if (amx) {
+        const at::BFloat16* xg = x + g * rows * 2 * pairs;
+        for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+          const int64_t r = std::min<int64_t>(16, rows - r0);
+          if (r != configured) configure_tiles(configured = r);
+          amx_tile_rows(xg + r0 * 2 * pairs, 2 * pairs, r, weights[g] + t * pairs * kTile, y + (g * rows + r0) * n, n,
+                        t * kTile * kBlock);
+        }
+        continue;
+      }
       const auto* xg = reinterpret_cast<const int32_t*>(x + g * rows * 2 * pairs);
       for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
         const int64_t r = std::min<int64_t>(kMaxRows, rows - r0);
         kRowsFns[r - 1](xg + r0 * pairs, pairs, weights[g], y + (g * rows + r0) * n, n, t, t + 1);
       }
     }
+    if (configured) _tile_release();
   });
 }
 
