@@ -154,6 +154,54 @@ def test_a_querys_attention_does_not_depend_on_the_queries_beside_it():
         assert torch.equal(attention(q[1:], k[1:], v[1:], mask[1:]), together[1:])
 
 
+@needs_kernel
+def test_a_tree_nodes_logits_are_a_1_token_steps_bit_for_bit():
+    # A draft tree's node sees the prompt and its ancestors, whose slots have other nodes between them; a
+    # 1-token step sees the same keys in consecutive slots. Its logits must be the same bit for bit (the
+    # attention kernel's part of it: test_a_querys_attention_does_not_depend_on_the_slots_of_the_keys_it_sees).
+    from multitoken.tree import Tree, tree_positions
+
+    model = random_model(tiny_args(n_future_tokens=2, dim=64, n_heads=4, n_kv_heads=2), dtype=torch.bfloat16, std=0.3)
+    model.setup_caches(1, 256)
+    DecodeSteps(model)
+    torch.manual_seed(0)
+    differ = 0
+    with torch.inference_mode():
+        for trial in range(40):
+            prompt_len, nodes = 40 + 3 * trial, 9 + trial % 9
+            model(torch.randint(0, 300, (1, prompt_len)), 0)
+            tokens = torch.randint(0, 300, (1, nodes))
+            tokens[0, nodes - 1] = tokens[0, 1]  # the last node: another child of the root, slots away from it
+            tree = Tree(torch.tensor([[0] * nodes]), torch.tensor([[0] + [1] * (nodes - 1)]),
+                        torch.tensor([[0] + list(range(nodes - 1))]), tokens)
+            pos = tree_positions(model, tree, torch.tensor([prompt_len]))
+            logits = model.logits(model.forward_head(0, model.forward_trunk(tokens, pos), pos))
+            # The same two tokens as 1-token steps, overwriting the tree's slots.
+            model(tokens[:, :1], prompt_len)
+            step = model(tokens[:, 1:2], prompt_len + 1)[:, 0, 0]
+            assert torch.equal(logits[:, 1], step) and torch.equal(logits[:, nodes - 1], step), trial
+            differ += int(not torch.equal(logits[:, 1], logits[:, 0]))
+    assert differ > 0
+
+
+@needs_kernel
+def test_a_querys_attention_does_not_depend_on_the_slots_of_the_keys_it_sees():
+    # The same keys in the same order, in consecutive slots or among masked ones, give the same output.
+    differ = 0
+    for seed in range(300):
+        keys = 40 + seed % 200
+        q, k, v, _ = _attention_inputs(1, 32, 8, 1, keys, 64, seed=seed)
+        seen = torch.rand(keys) < 0.8
+        seen[0] = True
+        order = torch.cat([seen.nonzero()[:, 0], (~seen).nonzero()[:, 0]])  # the seen keys first, in order
+        compact_mask = (torch.arange(keys) < int(seen.sum())).view(1, 1, 1, keys)
+        with torch.inference_mode():
+            scattered = attention(q, k, v, seen.view(1, 1, 1, keys))
+            compact = attention(q, k[:, :, order], v[:, :, order], compact_mask)
+        differ += int(not torch.equal(scattered, compact))
+    assert differ == 0
+
+
 def test_attention_is_scaled_dot_product_elsewhere():
     q, k, v, mask = _attention_inputs(1, 4, 2, ATTENTION_MAX_QUERIES + 1, 80, 16)
     with torch.inference_mode():

@@ -120,15 +120,18 @@ void check_packed(const at::Tensor& packed, int64_t k, int64_t out_features) {
               "packed_linear: ", out_features, " outputs do not match ", tiles, " packed tiles");
 }
 
-// y[g] (rows, n) = x[g] (rows, k) @ W[g].T for each of the G weights, packed by pack_weight (each
-// (tiles, k / 2, kTile, 2 * kBlock)): one loop over every product's tiles, which the threads split.
-// Each output is computed as by a product of its own.
 // AMX (Intel's tile matrix unit), where the CPU has it and Linux grants the process its tile state:
 // TDPBF16PS multiplies up to 16 rows by 16 outputs over 32 inputs in one instruction. Its float32
 // sums are not vdpbf16ps's bit for bit, but each output's depends only on its own row, as theirs does:
 // so on such a CPU every product whose inputs are a multiple of 32 runs on it, whatever its rows, and
 // a verify step still computes each token exactly as a 1-token step does. MULTITOKEN_AMX=0 turns it off.
 constexpr int64_t kAmxInputs = 32;  // inputs per tile multiply: 16 pairs
+#ifdef MULTITOKEN_NO_AMX  // built by a compiler without AMX (kernels._build)
+bool amx_available() { return false; }
+void configure_tiles(int64_t) {}
+void amx_tile_rows(const at::BFloat16*, int64_t, int64_t, const __m512i*, at::BFloat16*, int64_t, int64_t) {}
+void release_tiles() {}
+#else
 bool amx_available() {
   static const bool ok = [] {
     const char* env = std::getenv("MULTITOKEN_AMX");
@@ -201,6 +204,9 @@ void amx_tile_rows(const at::BFloat16* x, int64_t inputs, int64_t rows, const __
   }
 }
 
+void release_tiles() { _tile_release(); }
+#endif  // MULTITOKEN_NO_AMX
+
 // y[g] (rows, n) = x[g] (rows, k) @ W[g].T for each of the G weights, packed by pack_weight (each
 // (tiles, k / 2, kTile, 2 * kBlock)): one loop over every product's tiles, which the threads split.
 // Each output is computed as by a product of its own.
@@ -228,7 +234,7 @@ void products(const at::BFloat16* x, const std::vector<const __m512i*>& weights,
         kRowsFns[r - 1](xg + r0 * pairs, pairs, weights[g], y + (g * rows + r0) * n, n, t, t + 1);
       }
     }
-    if (configured) _tile_release();
+    if (configured) release_tiles();
   });
 }
 
@@ -445,13 +451,13 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
   at::parallel_for(0, (int64_t)sets.size() * batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
     // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
     // Each thread's buffers are kept between calls.
-    thread_local std::vector<float> scores_buf, acc_buf, total_buf;
+    thread_local std::vector<float> scores_buf, acc_buf, total_buf, visible_buf;
     thread_local std::vector<__m512i> qb_buf;
     thread_local std::vector<__mmask16> seen_buf;
     scores_buf.resize(queries * blocks * 16), acc_buf.resize(queries * dim), qb_buf.resize(queries * chunks);
-    total_buf.resize(queries), seen_buf.resize(n_q * blocks);
+    total_buf.resize(queries), seen_buf.resize(n_q * blocks), visible_buf.resize(blocks * 16);
     // Plain pointers: each use of a thread_local in a shared library can cost a call to find it.
-    float *scores = scores_buf.data(), *acc = acc_buf.data(), *total = total_buf.data();
+    float *scores = scores_buf.data(), *acc = acc_buf.data(), *total = total_buf.data(), *visible = visible_buf.data();
     __m512i* qb = qb_buf.data();  // each query's bf16 values, 32 a vector (zeros past head_dim)
     __mmask16* seen = seen_buf.data();
     for (int64_t i = i0; i < i1; ++i) {
@@ -499,13 +505,22 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
         __m512 most = _mm512_set1_ps(-INFINITY);  // lane by lane, then across lanes once
         for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(sj + s0));
         const float top = _mm512_reduce_max_ps(most);
-        __m512 sum = _mm512_setzero_ps();
+        // The total runs over the weights of the keys the query sees, gathered in key order first: the same
+        // sum whether those keys sit in consecutive slots (a chain) or among others' (a draft tree's node
+        // and its ancestors), where summing by slot would put them in other lanes and round otherwise.
         const __m512 mx = _mm512_set1_ps(top > -INFINITY ? top : 0.0f);
-        for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) {
+        const __mmask16* seen_t = seen + (j % n_q) * blocks;
+        int64_t count = 0;
+        for (int64_t s0 = 0, kb0 = 0; s0 < blocks * 16; s0 += 16, ++kb0) {
           const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mx));
           _mm512_storeu_ps(sj + s0, e);
-          sum = _mm512_add_ps(sum, e);
+          _mm512_mask_compressstoreu_ps(visible + count, seen_t[kb0], e);
+          count += __builtin_popcount(seen_t[kb0]);
         }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t s0 = 0; s0 < count; s0 += 16)
+          sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps((__mmask16)(count - s0 >= 16 ? 0xFFFF : (1u << (count - s0)) - 1),
+                                                         visible + s0));
         total[j] = _mm512_reduce_add_ps(sum);
       }
       // Each query's weighted sum of the values in registers, a chunk of queries per pass over the values.
