@@ -13,7 +13,7 @@ once whatever the rows (a tile at a time, from cache for its later rows). On the
 host, a (1536 x 256) product of 1 row took 10 us (ATen 58), of 4 rows 14 (ATen 68). Each output, and each query's attention, is the same float32 sum in the same order
 whatever the other rows are, so a token's result does not depend on the tokens beside it.
 
-On CPUs with AMX (Intel's tile unit, e.g. this session's 2-core Xeon) every product whose inputs are
+On CPUs with AMX (Intel's tile unit: Xeons from Sapphire Rapids on) every product whose inputs are
 a multiple of 32 runs on its tiles instead, whatever its rows (their sums round unlike vdpbf16ps's,
 but each row's alone, so a verify step still computes each token as a 1-token step does): the
 shipped model's products of 64 rows in 1.5 ms instead of 7.4 (ATen 2.9), of 16 in 0.85 instead of
