@@ -702,6 +702,11 @@ void cache_write(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, 
   }
 }
 
+// What model.KVCache.update returns: slots 0 .. end of the batch's cache rows (rows[b], or b).
+at::Tensor cached_span(const at::Tensor& cache, const std::optional<at::Tensor>& rows, int64_t bsz, int64_t end) {
+  return (rows ? cache.index_select(0, *rows) : cache.narrow(0, 0, bsz)).narrow(2, 0, end);
+}
+
 // A transformer block's forward over every token of x (batch, seq, dim), bf16, as an eager decode step
 // computes it with the kernels above (multitoken.kernels.KernelBlock): the same operations in the same
 // order, ATen's for the residual adds and the SiLU, called here instead of ~30 calls from Python, so
@@ -726,9 +731,7 @@ at::Tensor block(const at::Tensor& x, at::TensorList packed, at::IntArrayRef out
   const at::Tensor k = rope(parts[1].view({bsz, seq, n_kv_heads, head_dim}), rope_rows).transpose(1, 2);
   const at::Tensor v = parts[2].view({bsz, seq, n_kv_heads, head_dim}).transpose(1, 2);
   cache_write(cache_k, cache_v, k, v, slots, start, rows);
-  // What model.KVCache.update returns: slots 0 .. end of the batch's cache rows.
-  const at::Tensor keys = (rows ? cache_k.index_select(0, *rows) : cache_k.narrow(0, 0, bsz)).narrow(2, 0, end);
-  const at::Tensor values = (rows ? cache_v.index_select(0, *rows) : cache_v.narrow(0, 0, bsz)).narrow(2, 0, end);
+  const at::Tensor keys = cached_span(cache_k, rows, bsz, end), values = cached_span(cache_v, rows, bsz, end);
   const at::Tensor q = rope(parts[0].view({bsz, seq, n_heads, head_dim}), rope_rows).transpose(1, 2);
   const at::Tensor out = few_query_attention(q, keys, values, mask);
   const at::Tensor h = x + packed_linear(out.transpose(1, 2).reshape({bsz, seq, -1}), packed[1], out_features[1]);
@@ -757,20 +760,16 @@ at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorLi
   const int64_t q_features = n_heads * head_dim, kv_features = n_kv_heads * head_dim, end = mask.size(-1);
   TORCH_CHECK(out_features[0] == q_features + 2 * kv_features, "head_group: the q/k/v products must have ",
               q_features + 2 * kv_features, " outputs, not ", out_features[0]);
-  auto every = [&](int64_t stage) {
-    std::vector<at::Tensor> w;
-    for (int64_t g = 0; g < groups; ++g) w.push_back(packed[4 * g + stage]);
-    return w;
-  };
-  auto norm_weights = [&](int64_t which) {
-    std::vector<at::Tensor> w;
-    for (int64_t g = 0; g < groups; ++g) w.push_back(norms[2 * g + which]);
-    return w;
+  // Every head's tensor `which` of `list`, which holds `per_head` tensors a head.
+  auto each_head = [&](at::TensorList list, int64_t per_head, int64_t which) {
+    std::vector<at::Tensor> out;
+    for (int64_t g = 0; g < groups; ++g) out.push_back(list[per_head * g + which]);
+    return out;
   };
   // Token index[b] of row b: its flat row among the batch's tokens.
   const at::Tensor chosen = at::arange(bsz, index.options()) * seq + index;
   const std::vector<at::Tensor> parts =
-      packed_linear_group(rms_norm(h, norm_weights(0), eps, false), every(0), out_features[0])
+      packed_linear_group(rms_norm(h, each_head(norms, 2, 0), eps, false), each_head(packed, 4, 0), out_features[0])
           .split_with_sizes({q_features, kv_features, kv_features}, -1);
   const at::Tensor q_all = parts[0];  // (G, batch, seq, q_features)
   const at::Tensor k = rope(parts[1].view({groups, bsz, seq, n_kv_heads, head_dim}), rope_rows).transpose(2, 3);
@@ -779,8 +778,8 @@ at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorLi
   for (int64_t g = 0; g < groups; ++g) {
     at::Tensor cache_k = caches[2 * g], cache_v = caches[2 * g + 1];
     cache_write(cache_k, cache_v, k[g], v[g], slots, 0, rows);
-    keys.push_back((rows ? cache_k.index_select(0, *rows) : cache_k.narrow(0, 0, bsz)).narrow(2, 0, end));
-    values.push_back((rows ? cache_v.index_select(0, *rows) : cache_v.narrow(0, 0, bsz)).narrow(2, 0, end));
+    keys.push_back(cached_span(cache_k, rows, bsz, end));
+    values.push_back(cached_span(cache_v, rows, bsz, end));
   }
   const at::Tensor q_one = q_all.reshape({groups, bsz * seq, q_features}).index_select(1, chosen);
   const at::Tensor rope_one = rope_rows.reshape({bsz * seq, 2, 1, head_dim}).index_select(0, chosen).unsqueeze(1);
@@ -788,10 +787,10 @@ at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorLi
   const at::Tensor q = rope(q_one.view({groups, bsz, 1, n_heads, head_dim}), rope_one).transpose(2, 3);
   const at::Tensor out = few_query_attention_group(q, keys, values, mask_one);
   const at::Tensor h_one = h.reshape({bsz * seq, dim}).index_select(0, chosen).unsqueeze(1);
-  const at::Tensor hh = h_one + packed_linear_group(out.transpose(2, 3).reshape({groups, bsz, 1, -1}), every(1), out_features[1]);
+  const at::Tensor hh = h_one + packed_linear_group(out.transpose(2, 3).reshape({groups, bsz, 1, -1}), each_head(packed, 4, 1), out_features[1]);
   const std::vector<at::Tensor> gate_up =
-      packed_linear_group(rms_norm(hh, norm_weights(1), eps, true), every(2), out_features[2]).chunk(2, -1);
-  return hh + packed_linear_group(at::silu(gate_up[0]) * gate_up[1], every(3), out_features[3]);
+      packed_linear_group(rms_norm(hh, each_head(norms, 2, 1), eps, true), each_head(packed, 4, 2), out_features[2]).chunk(2, -1);
+  return hh + packed_linear_group(at::silu(gate_up[0]) * gate_up[1], each_head(packed, 4, 3), out_features[3]);
 }
 
 }  // namespace
