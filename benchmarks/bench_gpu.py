@@ -5,7 +5,7 @@ Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
     python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
         [--tree 64] [--batches 1 8] [--no-eager] [--no-llama2] [--matvec] [--rowwise] [--unfused]
-        [--profile] [--inductor KEY=VALUE ...] [--verify-tokens 1 4 8 16 32 64] [--attention reduction|sdpa|both]
+        [--profile] [--inductor KEY=VALUE ...] [--verify-tokens 1 4 8 16 32 64]
         [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
@@ -207,35 +207,6 @@ def time_matvec(device: str, tiny: bool) -> list[tuple[str, float, float, float]
     return rows
 
 
-def time_attention(device: str, tiny: bool, keys: int = 512) -> list[tuple[int, float, float, float, float]]:
-    """(queries per row, compiled SDPA us, compiled `reduction_attention` us, each one's max abs error
-    against float64) for one block's attention at batch 1 over a `keys`-slot bf16 cache with a causal
-    mask (512: a compiled GPU step's least span), caches in rotation so none sits in the L2 cache."""
-    from multitoken.model import scaled_dot_product
-    from multitoken.steps import reduction_attention
-
-    heads, head_dim, copies = (4, 32, 2) if tiny else (32, 128, 16)
-    dtype = torch.float32 if tiny else torch.bfloat16
-    caches = [(torch.randn(1, heads, keys, head_dim, device=device, dtype=dtype),
-               torch.randn(1, heads, keys, head_dim, device=device, dtype=dtype)) for _ in range(copies)]
-    rows = []
-    for n_q in (1, 4, 8):
-        q = torch.randn(1, heads, n_q, head_dim, device=device, dtype=dtype)
-        seen = keys - 64 - n_q + torch.arange(n_q, device=device)  # the last position each query sees
-        mask = (torch.arange(keys, device=device) <= seen[:, None])[None, None]
-        k0, v0 = caches[0]
-        ref = scaled_dot_product(q.double(), k0.double(), v0.double(), mask)
-        times, errors = [], []
-        for fn in (scaled_dot_product, reduction_attention):
-            compiled = torch.compile(fn, dynamic=False)
-            with torch.inference_mode():
-                errors.append((compiled(q, k0, v0, mask).double() - ref).abs().max().item())
-                calls = [lambda c=caches[i % copies]: compiled(q, *c, mask) for i in range(4 * copies)]
-                times.append(1e6 * _time_calls(calls, device))
-        rows.append((n_q, *times, *errors))
-    return rows
-
-
 def guarded(what: str, fn, failed: list[str]):
     """fn(), or None after printing why it failed: one broken row must not cost the rest of the run."""
     try:
@@ -272,9 +243,6 @@ def main() -> None:
     p.add_argument("--verify-tokens", type=int, nargs="+", default=[], metavar="M",
                    help="also time the 7B n=4 step feeding M tokens per row at batch 1, for each M (1 and 4 added): "
                         "what a chain or a tree of M - 1 nodes costs to verify")
-    p.add_argument("--attention", choices=["reduction", "sdpa", "both"], default="reduction",
-                   help="compiled rows' attention of few queries: multiplies and sums (the default, "
-                        "`reduction_attention`), SDPA, or a row of each; 'both' also times one block's attention alone")
     p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes instead of 7B: to try the script on a CPU")
@@ -302,12 +270,6 @@ def main() -> None:
         print(f"{'one-row bf16 product':<22} {'cuBLAS GB/s':>11} {'reduction GB/s':>14} {'tuned GB/s':>10}")
         for shape, *rates in matvec:
             print(f"{shape:<22} " + " ".join(f"{r:>{w}.0f}" for r, w in zip(rates, (11, 14, 10))), flush=True)
-    if a.attention == "both":
-        attention = guarded("attention", lambda: time_attention(a.device, a.tiny), failed) or []
-        print(f"{'one block, batch 1':<18} {'SDPA us':>8} {'reduction us':>12} {'SDPA err':>9} {'reduction err':>13}")
-        for n_q, *values in attention:
-            print(f"{f'{n_q} queries':<18} {values[0]:>8.1f} {values[1]:>12.1f} {values[2]:>9.1e} {values[3]:>13.1e}",
-                  flush=True)
     rows = []
     nan = float("nan")
     verify_table = ""
@@ -320,14 +282,12 @@ def main() -> None:
               f"{tree_ratio:.2f}x (ceiling {ceiling:.0f} tok/s)", flush=True)
 
     def measure(name: str, model: Transformer, batch: int, compile_mode: str | None, rowwise: bool = False,
-                speculative: bool = True, tree: int = 0, ceiling: float = nan, fuse: bool = True,
-                sdpa: bool = False) -> None:
+                speculative: bool = True, tree: int = 0, ceiling: float = nan, fuse: bool = True) -> None:
         path = "eager" if compile_mode is None else (
-            f"compiled{' rowwise' if rowwise else ''}{'' if fuse else ' unfused'}{' sdpa' if sdpa else ''} ({compile_mode})")
+            f"compiled{' rowwise' if rowwise else ''}{'' if fuse else ' unfused'} ({compile_mode})")
         what = f"{name} b{batch} {path}"
         llama = lambda: Llama(model, IgnoreEOS()) if compile_mode is None else (  # noqa: E731
-            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None, fuse=fuse,
-                                              reduce_attention=not sdpa))
+            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None, fuse=fuse))
         timed = lambda **mode: time_decode(llama(), batch, a.prompt_len, a.new_tokens,  # noqa: E731
                                            a.repeats, **mode)
         plain_llama = llama()
@@ -366,17 +326,16 @@ def main() -> None:
                 measure("7B n=4", model, batch, None, tree=a.tree, ceiling=ceiling)
         if a.compile:
             if a.unfused:
-                measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False, sdpa=a.attention == "sdpa")
+                measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False)
             for batch in a.batches:
-                for sdpa in {"reduction": [False], "sdpa": [True], "both": [False, True]}[a.attention]:
-                    measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling, sdpa=sdpa)
+                measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling)
             if a.rowwise:
                 tuning = inductor_config.coordinate_descent_tuning
                 inductor_config.coordinate_descent_tuning = True
                 measure("7B n=4", model, 1, a.compile, rowwise=True, speculative=False, ceiling=ceiling)
                 inductor_config.coordinate_descent_tuning = tuning
         if a.verify_tokens:
-            steps = (Llama(model, IgnoreEOS()).compile(mode=a.compile, reduce_attention=a.attention != "sdpa") if a.compile else Llama(model, IgnoreEOS())).steps
+            steps = (Llama(model, IgnoreEOS()).compile(mode=a.compile) if a.compile else Llama(model, IgnoreEOS())).steps
             counts = sorted({1, model.n_future_tokens, *a.verify_tokens})
             verify = guarded("verify costs", lambda: verify_costs(steps, 1, a.prompt_len, counts), failed)
             if verify:

@@ -10,7 +10,7 @@ two copies of the model, compiled the two ways --compare names: `fuse`, every bl
 products and w1, w3 products as one product each or not (`steps.fuse_projections`); `freeze`, the
 weights as constants packed for the CPU's matrix units or not (`DecodeSteps(freeze=...)`; the
 default for compiled bf16/fp16 steps on a CPU); `attention`, one query's attention as ATen's flash
-kernel or as multiplies and sums (`DecodeSteps(reduce_attention=...)`, the default on a CPU without `kernels`);
+kernel or as multiplies and sums (`DecodeSteps(single_query=...)`, the default on a CPU without `kernels`);
 `kernels`, bf16 products and attention by ATen (and inductor) or by `multitoken.kernels`
 (`DecodeSteps(cpu_kernels=...)`, the default in bf16 where they run); `checks`, inductor's checks of
 sizes, strides and alignment around its kernel calls or not (`steps.UNCHECKED_OPTIONS`, the default);
@@ -39,8 +39,8 @@ from multitoken.tree import TreeDrafter, greedy_tree_step
 COMPARISONS = {
     "fuse": (("separate", {"fuse": False}), ("fused", {"fuse": True})),
     "freeze": (("unfrozen", {"freeze": False}), ("frozen", {"freeze": True})),
-    "attention": (("flash", {"reduce_attention": False, "cpu_kernels": False}),
-                  ("single-query", {"reduce_attention": True, "cpu_kernels": False})),
+    "attention": (("flash", {"single_query": False, "cpu_kernels": False}),
+                  ("single-query", {"single_query": True, "cpu_kernels": False})),
     "kernels": (("aten", {"cpu_kernels": False}), ("kernels", {"cpu_kernels": True})),
     "checks": (("checked", {"compile_options": {name: True for name in UNCHECKED_OPTIONS}}), ("unchecked", {})),
     "wrapper": (("python", {}), ("c++", {"compile_options": {"cpp_wrapper": True}})),

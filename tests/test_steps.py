@@ -17,7 +17,7 @@ from multitoken.steps import (
     fuse_projections,
     inference_products,
     leading_true,
-    reduction_attention,
+    single_query_attention,
     use_rowwise_matmuls,
 )
 from test_generation import IdTokenizer
@@ -207,7 +207,7 @@ def test_freezing_is_the_default_for_compiled_low_precision_cpu_steps_only(monke
     monkeypatch.setattr(multitoken.steps.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}[name])
     assert not DecodeSteps(model, compile=True).frozen
     # Every option still compiles the steps (a slip once left them eager without single-query attention).
-    for options in ({"reduce_attention": False}, {"reduce_attention": True}, {"fuse": False}, {"freeze": False}):
+    for options in ({"single_query": False}, {"single_query": True}, {"fuse": False}, {"freeze": False}):
         steps = DecodeSteps(model, compile=True, **options)
         assert steps.step != steps._step and steps.greedy != steps._greedy, options
     with pytest.raises(ValueError, match="freeze=True is for steps compiled without a mode"):
@@ -335,39 +335,25 @@ def test_fused_projections_follow_the_model_to_another_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reduction_attention_is_scaled_dot_product(dtype, monkeypatch):
-    """The multiply-and-sum attention of compiled steps (its math run eagerly: is_compiling patched),
-    grouped-query heads and a ragged mask included, for one query and (as on a GPU) several; past
-    REDUCTION_MAX_QUERIES, and without a mask, it is scaled_dot_product."""
-    import multitoken.steps
-
+def test_single_query_attention_is_scaled_dot_product(dtype, monkeypatch):
+    """The multiply-and-sum attention of compiled CPU steps (its math run eagerly: is_compiling patched),
+    grouped-query heads and a ragged mask included; more queries fall back to scaled_dot_product."""
     torch.manual_seed(0)
-    k = torch.randn(2, 4, 40, 16, dtype=dtype)
+    q, k = torch.randn(2, 8, 1, 16, dtype=dtype), torch.randn(2, 4, 40, 16, dtype=dtype)
     v = torch.randn_like(k)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setitem(multitoken.steps.REDUCTION_MAX_QUERIES, "cpu", 4)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    for n_q in (1, 4):
-        q = torch.randn(2, 8, n_q, 16, dtype=dtype)
-        mask = torch.rand(2, 1, n_q, 40) < 0.4
-        mask[..., 0] = True
-        expected = scaled_dot_product(q.double(), k.double(), v.double(), mask)
-        out = reduction_attention(q, k, v, mask)
-        assert out.dtype == dtype and out.shape == q.shape
-        torch.testing.assert_close(out.double(), expected, **tol)
-    # Each query its own mask row: query 2 of row 0 alone sees key 5 only, so it reads value 5.
-    mask = torch.zeros(2, 1, 4, 40, dtype=torch.bool)
+    mask = torch.rand(2, 1, 1, 40) < 0.4
     mask[..., 0] = True
-    mask[0, 0, 2] = torch.arange(40) == 5
-    out = reduction_attention(q, k, v, mask)
-    torch.testing.assert_close(out[0, :, 2], v[0, :, 5].repeat_interleave(2, 0), **tol)
-    torch.testing.assert_close(reduction_attention(q[:, :, :1], k, v, None).double(),
-                               scaled_dot_product(q[:, :, :1].double(), k.double(), v.double(), None), **tol)
-    calls = []
-    monkeypatch.setattr(multitoken.steps, "scaled_dot_product", lambda *a: calls.append(a[0].shape[2]) or a[0])
-    reduction_attention(torch.randn(2, 8, 5, 16, dtype=dtype), k, v, torch.ones(2, 1, 5, 40, dtype=torch.bool))
-    reduction_attention(q, k, v, None)
-    assert calls == [5, 4]  # 5 > REDUCTION_MAX_QUERIES; several queries and no mask is causal
+    expected = scaled_dot_product(q.double(), k.double(), v.double(), mask)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    out = single_query_attention(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(single_query_attention(q, k, v, None).double(),
+                               scaled_dot_product(q.double(), k.double(), v.double(), None), **tol)
+    q3 = torch.randn(2, 8, 3, 16, dtype=dtype)
+    mask3 = mask.expand(2, 1, 3, 40)
+    torch.testing.assert_close(single_query_attention(q3, k, v, mask3), scaled_dot_product(q3, k, v, mask3))
 
 
 def test_leading_true_counts_the_drafts_before_the_first_rejection():

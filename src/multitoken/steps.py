@@ -76,32 +76,22 @@ def use_rowwise_matmuls(model: nn.Module) -> nn.Module:
     return model
 
 
-# Up to this many queries per row, compiled attention runs as multiplies and sums (`reduction_attention`).
-# On a CPU one query: more ran no faster than ATen's flash kernel. On an H200 a decode step's 1 or 4
-# queries over the cache took cuDNN's attention kernel 18 and 38 us per block (it tiles for many
-# queries; 13% of a 7B plain step and 21% of a self-speculative one) for ~5 MB of keys and values.
-REDUCTION_MAX_QUERIES = {"cpu": 1, "cuda": 8}
-
-
-def reduction_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`model.scaled_dot_product` for compiled decode steps of few queries per row (up to
-    REDUCTION_MAX_QUERIES for the device), as float32 multiplies and sums, which inductor fuses into
-    a few passes over the cache: a kernel built for many queries pays for tiles and blocking that a few
-    cannot use (on the shipped model in bf16 on a CPU a 1-token step took 1.10-1.19 instead of
-    1.41-1.54 ms). More queries, no mask (causal), or eagerly: scaled_dot_product."""
-    bsz, n_heads, n_q, head_dim = q.shape
-    if (not torch.compiler.is_compiling() or n_q > REDUCTION_MAX_QUERIES.get(q.device.type, 0)
-            or (mask is None and n_q > 1) or (mask is not None and (mask.dtype != torch.bool or mask.dim() != 4))):
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`model.scaled_dot_product` for steps compiled on a CPU: one query per row, q (batch, n_heads, 1,
+    head_dim), as float32 multiplies and sums, which inductor fuses into passes over the cache (ATen's
+    flash kernel pays for blocking and threads that one query cannot use: on the shipped model in
+    bf16 a 1-token step took 1.10-1.19 instead of 1.41-1.54 ms). More queries, or eagerly: scaled_dot_product."""
+    if q.shape[2] != 1 or q.device.type != "cpu" or not torch.compiler.is_compiling():
         return scaled_dot_product(q, k, v, mask)
-    kv_heads = k.shape[1]
-    # Query heads grouped by the kv head they share: (batch, kv_heads, group, n_q, head_dim).
-    q = q.reshape(bsz, kv_heads, n_heads // kv_heads, n_q, head_dim).float()
-    scores = (q[..., None, :] * k[:, :, None, None].float()).sum(-1) * head_dim**-0.5  # (.., n_q, keys)
+    bsz, n_heads, _, head_dim = q.shape
+    # Query heads grouped by the kv head they share: (batch, kv_heads, group, 1, head_dim).
+    q = q.reshape(bsz, k.shape[1], n_heads // k.shape[1], 1, head_dim).float()
+    scores = (q * k[:, :, None].float()).sum(-1) * head_dim**-0.5  # (batch, kv_heads, group, keys)
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # (batch, 1, 1, n_q | 1, keys)
+        scores = scores.masked_fill(~mask, float("-inf"))  # (batch, 1, 1, keys) broadcasts
     weights = torch.softmax(scores, dim=-1)
-    out = (weights[..., None] * v[:, :, None, None].float()).sum(-2)  # (batch, kv_heads, group, n_q, head_dim)
-    return out.reshape(bsz, n_heads, n_q, head_dim).to(v.dtype)
+    out = (weights[..., None] * v[:, :, None].float()).sum(-2)  # (batch, kv_heads, group, head_dim)
+    return out.reshape(bsz, n_heads, 1, head_dim).to(v.dtype)
 
 
 def _fused_pays(fused: nn.Linear, x: torch.Tensor) -> bool:
@@ -313,8 +303,8 @@ class DecodeSteps:
     `rowwise` makes compiled single-row products fused reductions (`use_rowwise_matmuls`; default:
     on a CPU in bf16 when not frozen); `fuse` computes each block's q, k, v products as one and w1, w3
     as one (`fuse_projections`; default: on, eager too: 8-12% off an eager bf16 step of the shipped
-    model; fuse=False separates them again, `unfuse_projections`); `reduce_attention` makes compiled attention of few queries per row multiplies and sums
-    (`reduction_attention`; default: on when compiled);
+    model; fuse=False separates them again, `unfuse_projections`); `single_query` makes compiled attention of one query per row multiplies and sums
+    (`single_query_attention`; default: compiled on a CPU);
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
     `cpu_kernels` runs bf16 products and attention in `multitoken.kernels` (default: bf16 on a CPU where
@@ -322,7 +312,7 @@ class DecodeSteps:
     rotations and indexed cache stores as kernel calls), which compute each token
     of a multi-token step exactly as a 1-token step does: bf16 self-speculation then emits plain
     decoding's tokens (compiled, with inductor rounding to bf16 where eager does). It takes the place
-    of `reduce_attention` and `rowwise`.
+    of `single_query` and `rowwise`.
     Frozen steps also skip dynamo's guards on the model's modules before each call (`_frozen_guards`),
     and steps compiled without a mode inductor's checks around its kernel calls (`UNCHECKED_OPTIONS`);
     `compile_options` are inductor options over these defaults (e.g. {"cpp_wrapper": True}).
@@ -331,7 +321,7 @@ class DecodeSteps:
 
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
                  rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None,
-                 reduce_attention: bool | None = None, dynamic_span: bool | None = None, cpu_kernels: bool | None = None,
+                 single_query: bool | None = None, dynamic_span: bool | None = None, cpu_kernels: bool | None = None,
                  compile_options: dict | None = None, group_heads: bool = True):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
@@ -391,11 +381,11 @@ class DecodeSteps:
         kernels.use_packed_matmuls([m for m in [*model.modules(), *products] if id(m) not in kept], packed=False)
         if cpu_kernels:
             kernels.use_packed_matmuls(products)
-        if reduce_attention is None:
-            reduce_attention = compile
+        if single_query is None:
+            single_query = compile and weight.device.type == "cpu"
         kernels.use_kernel_modules(model.modules(), cpu_kernels)
         for block in [*model.layers, *model.extra_heads]:
-            block.attention.sdpa = (kernels.attention if cpu_kernels else reduction_attention if reduce_attention
+            block.attention.sdpa = (kernels.attention if cpu_kernels else single_query_attention if single_query
                                     else scaled_dot_product)
             block.attention.rotate = kernels.rotate if cpu_kernels else apply_rope
         if compile:
