@@ -5,7 +5,7 @@ Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
     python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
         [--tree 64] [--batches 1 8] [--no-eager] [--no-llama2] [--matvec] [--rowwise] [--unfused]
-        [--profile] [--inductor KEY=VALUE ...] [--verify-tokens 1 4 8 16 32 64]
+        [--profile] [--inductor KEY=VALUE ...] [--verify-tokens 1 4 8 16 32 64] [--attention sdpa|flex|both]
         [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
@@ -28,7 +28,8 @@ products of the 7B shapes (cuBLAS against compiled fused reductions); --rowwise 
 rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tuned). Compiled steps
 compute each block's q/k/v and w1/w3 products as one (`fuse_projections`); --unfused adds a batch-1
 row without, first. --profile prints the kernels of the compiled plain and self-speculative steps by
-device time.
+device time. --attention both adds rows with FlexAttention in the compiled steps (`flex=True`) before
+the SDPA ones, and times one block's attention alone each way.
 --verify-tokens times the compiled (or eager) 7B n=4 step feeding M tokens per row at batch 1 for each M,
 against one token (`eval.bench.verify_costs`): the verify cost of a chain or of a tree of M - 1 nodes,
 and what a tree must gain in tokens per forward over the chain to pay for it.
@@ -79,10 +80,10 @@ class FixedEOS:
         self.eos_id = eos_id
 
 
-def check_exactness(compile_mode: str | None, device: str) -> bool:
+def check_exactness(compile_mode: str | None, device: str, flexes: tuple[bool, ...] = (False,)) -> bool:
     """Greedy self-speculative == plain greedy on a small float32 model: eagerly at batch 1 and 4 for
     every k, "auto" and a 16-node tree, and with an EOS that stops rows early; given a mode, compiled
-    at batch 4 (ragged prompts) too."""
+    at batch 4 (ragged prompts) too, with FlexAttention and/or SDPA (`flexes`)."""
     args = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, n_future_tokens=4,
                      multiple_of=64, max_seq_len=128)
     torch.manual_seed(0)
@@ -102,9 +103,9 @@ def check_exactness(compile_mode: str | None, device: str) -> bool:
     stopping = Llama(model, FixedEOS(eos))
     ok &= stopping.generate(prompts, 40, temperature=0)[0] == cut
     ok &= stopping.generate(prompts, 40, temperature=0, speculative=True)[0] == cut
-    if compile_mode is not None:
+    for flex in flexes if compile_mode is not None else ():
         # Batch 4 alone: each compiled shape costs a compilation, and the ragged batch is the harder case.
-        compiled = Llama(model, IgnoreEOS()).compile(mode=compile_mode)
+        compiled = Llama(model, IgnoreEOS()).compile(mode=compile_mode, flex=flex)
         ok &= compiled.generate(prompts, 40, temperature=0)[0] == plain
         ok &= compiled.generate(prompts, 40, temperature=0, speculative=True)[0] == plain
         ok &= compiled.generate(prompts, 40, temperature=0, speculative=True, draft_heads="auto")[0] == plain
@@ -207,6 +208,35 @@ def time_matvec(device: str, tiny: bool) -> list[tuple[str, float, float, float]
     return rows
 
 
+def time_attention(device: str, tiny: bool, keys: int = 512) -> list[tuple[int, float, float, float, float]]:
+    """(queries per row, compiled SDPA us, compiled FlexAttention us (`masked_flex_attention`), each one's
+    max abs error against float64) for one block's attention at batch 1 over a `keys`-slot cache with
+    a causal mask (512: a compiled GPU step's least span), caches in rotation so none sits in the L2."""
+    from multitoken.model import scaled_dot_product
+    from multitoken.steps import masked_flex_attention
+
+    heads, head_dim, copies = (4, 32, 2) if tiny else (32, 128, 16)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    caches = [(torch.randn(1, heads, keys, head_dim, device=device, dtype=dtype),
+               torch.randn(1, heads, keys, head_dim, device=device, dtype=dtype)) for _ in range(copies)]
+    rows = []
+    for n_q in (1, 4, 8, 65):
+        q = torch.randn(1, heads, n_q, head_dim, device=device, dtype=dtype)
+        seen = keys - 70 + torch.arange(n_q, device=device)  # the last position each query sees
+        mask = (torch.arange(keys, device=device) <= seen[:, None])[None, None]
+        k0, v0 = caches[0]
+        ref = scaled_dot_product(q.double(), k0.double(), v0.double(), mask)
+        times, errors = [], []
+        for fn in (scaled_dot_product, masked_flex_attention):
+            compiled = torch.compile(fn, dynamic=False)
+            with torch.inference_mode():
+                errors.append((compiled(q, k0, v0, mask).double() - ref).abs().max().item())
+                calls = [lambda c=caches[i % copies]: compiled(q, *c, mask) for i in range(4 * copies)]
+                times.append(1e6 * _time_calls(calls, device))
+        rows.append((n_q, *times, *errors))
+    return rows
+
+
 def guarded(what: str, fn, failed: list[str]):
     """fn(), or None after printing why it failed: one broken row must not cost the rest of the run."""
     try:
@@ -243,6 +273,9 @@ def main() -> None:
     p.add_argument("--verify-tokens", type=int, nargs="+", default=[], metavar="M",
                    help="also time the 7B n=4 step feeding M tokens per row at batch 1, for each M (1 and 4 added): "
                         "what a chain or a tree of M - 1 nodes costs to verify")
+    p.add_argument("--attention", choices=["sdpa", "flex", "both"], default="sdpa",
+                   help="compiled rows' attention: SDPA (the default), FlexAttention (`DecodeSteps(flex=True)`), "
+                        "or a row of each; 'both' also times one block's attention alone, each way")
     p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes instead of 7B: to try the script on a CPU")
@@ -260,9 +293,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name() if cuda else a.device}, torch {torch.__version__}", flush=True)
     failed: list[str] = []
     check_mode = None if a.eager_check else a.compile
-    exact = guarded("exactness check", lambda: check_exactness(check_mode, a.device), failed)
+    flexes = {"sdpa": [False], "flex": [True], "both": [True, False]}[a.attention]
+    exact = guarded("exactness check", lambda: check_exactness(check_mode, a.device, tuple(flexes)), failed)
     print(f"greedy self-speculative == plain (batch 1 and 4; k = 1, 2, 3, auto; tree 16; EOS; compiled: "
-          f"{check_mode}): {exact}", flush=True)
+          f"{check_mode}{'' if check_mode is None else ', ' + a.attention}): {exact}", flush=True)
     bw = copy_bandwidth(a.device, (64 << 20) if a.tiny else (4 << 30))
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     if a.matvec:
@@ -270,6 +304,12 @@ def main() -> None:
         print(f"{'one-row bf16 product':<22} {'cuBLAS GB/s':>11} {'reduction GB/s':>14} {'tuned GB/s':>10}")
         for shape, *rates in matvec:
             print(f"{shape:<22} " + " ".join(f"{r:>{w}.0f}" for r, w in zip(rates, (11, 14, 10))), flush=True)
+    if a.attention == "both":
+        attention = guarded("attention", lambda: time_attention(a.device, a.tiny), failed) or []
+        print(f"{'one block, batch 1':<18} {'SDPA us':>8} {'flex us':>8} {'SDPA err':>9} {'flex err':>9}")
+        for n_q, *values in attention:
+            print(f"{f'{n_q} queries':<18} {values[0]:>8.1f} {values[1]:>8.1f} {values[2]:>9.1e} {values[3]:>9.1e}",
+                  flush=True)
     rows = []
     nan = float("nan")
     verify_table = ""
@@ -282,15 +322,18 @@ def main() -> None:
               f"{tree_ratio:.2f}x (ceiling {ceiling:.0f} tok/s)", flush=True)
 
     def measure(name: str, model: Transformer, batch: int, compile_mode: str | None, rowwise: bool = False,
-                speculative: bool = True, tree: int = 0, ceiling: float = nan, fuse: bool = True) -> None:
+                speculative: bool = True, tree: int = 0, ceiling: float = nan, fuse: bool = True,
+                flex: bool = False) -> None:
         path = "eager" if compile_mode is None else (
-            f"compiled{' rowwise' if rowwise else ''}{'' if fuse else ' unfused'} ({compile_mode})")
+            f"compiled{' rowwise' if rowwise else ''}{'' if fuse else ' unfused'}{' flex' if flex else ''} ({compile_mode})")
         what = f"{name} b{batch} {path}"
         llama = lambda: Llama(model, IgnoreEOS()) if compile_mode is None else (  # noqa: E731
-            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None, fuse=fuse))
+            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None, fuse=fuse, flex=flex))
         timed = lambda **mode: time_decode(llama(), batch, a.prompt_len, a.new_tokens,  # noqa: E731
                                            a.repeats, **mode)
-        plain_llama = llama()
+        plain_llama = guarded(f"{what} steps", llama, failed)
+        if plain_llama is None:
+            return
         plain = guarded(f"{what} plain", lambda: time_decode(plain_llama, batch, a.prompt_len, a.new_tokens,
                                                              a.repeats), failed)
         graph_step = (guarded(f"{what} graph step", lambda: time_graph_step(plain_llama, batch, a.prompt_len),
@@ -326,16 +369,17 @@ def main() -> None:
                 measure("7B n=4", model, batch, None, tree=a.tree, ceiling=ceiling)
         if a.compile:
             if a.unfused:
-                measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False)
+                measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False, flex=flexes[0])
             for batch in a.batches:
-                measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling)
+                for flex in flexes:
+                    measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling, flex=flex)
             if a.rowwise:
                 tuning = inductor_config.coordinate_descent_tuning
                 inductor_config.coordinate_descent_tuning = True
                 measure("7B n=4", model, 1, a.compile, rowwise=True, speculative=False, ceiling=ceiling)
                 inductor_config.coordinate_descent_tuning = tuning
         if a.verify_tokens:
-            steps = (Llama(model, IgnoreEOS()).compile(mode=a.compile) if a.compile else Llama(model, IgnoreEOS())).steps
+            steps = (Llama(model, IgnoreEOS()).compile(mode=a.compile, flex=flexes[0]) if a.compile else Llama(model, IgnoreEOS())).steps
             counts = sorted({1, model.n_future_tokens, *a.verify_tokens})
             verify = guarded("verify costs", lambda: verify_costs(steps, 1, a.prompt_len, counts), failed)
             if verify:

@@ -17,6 +17,7 @@ from multitoken.steps import (
     fuse_projections,
     inference_products,
     leading_true,
+    masked_flex_attention,
     single_query_attention,
     use_rowwise_matmuls,
 )
@@ -354,6 +355,55 @@ def test_single_query_attention_is_scaled_dot_product(dtype, monkeypatch):
     q3 = torch.randn(2, 8, 3, 16, dtype=dtype)
     mask3 = mask.expand(2, 1, 3, 40)
     torch.testing.assert_close(single_query_attention(q3, k, v, mask3), scaled_dot_product(q3, k, v, mask3))
+
+
+def test_masked_flex_attention_is_scaled_dot_product(monkeypatch):
+    """FlexAttention with the mask read by a score_mod (its math run eagerly: is_compiling patched):
+    ragged rows, grouped-query heads, one query and several with a tree-like mask, a mask without
+    batch or head dimensions; without a mask it is scaled_dot_product (causal)."""
+    torch.manual_seed(0)
+    k = torch.randn(2, 4, 40, 16)
+    v = torch.randn_like(k)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for n_q in (1, 4):
+        q = torch.randn(2, 8, n_q, 16)
+        mask = torch.rand(2, 1, n_q, 40) < 0.4
+        mask[..., 0] = True
+        expected = scaled_dot_product(q.double(), k.double(), v.double(), mask)
+        out = masked_flex_attention(q, k, v, mask)
+        assert out.shape == q.shape
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    # Query 2 of row 0 sees key 5 alone, so it reads value 5 (each query head's kv head).
+    mask = torch.zeros(2, 1, 4, 40, dtype=torch.bool)
+    mask[..., 0] = True
+    mask[0, 0, 2] = torch.arange(40) == 5
+    torch.testing.assert_close(masked_flex_attention(q, k, v, mask)[0, :, 2], v[0, :, 5].repeat_interleave(2, 0))
+    causal = torch.ones(4, 40, dtype=torch.bool).tril(36)  # the (n_q, keys) mask of several tokens at an int start
+    torch.testing.assert_close(masked_flex_attention(q, k, v, causal), scaled_dot_product(q, k, v, causal),
+                               atol=1e-5, rtol=1e-5)
+    q_prompt, k_prompt = torch.randn(2, 8, 6, 16), torch.randn(2, 4, 6, 16)
+    torch.testing.assert_close(masked_flex_attention(q_prompt, k_prompt, k_prompt, None),
+                               scaled_dot_product(q_prompt, k_prompt, k_prompt, None))
+
+
+def test_flex_attention_decodes_plain_self_speculative_and_tree_steps_as_sdpa_does(monkeypatch):
+    """FlexAttention in decode steps, its math run eagerly (is_compiling patched; `flex=True` compiles it
+    for GPUs, and inductor's CPU template does not take cache views): the steps' masks (ragged rows,
+    verify steps, a draft tree) give scaled_dot_product's greedy tokens. flex=True refuses a CPU."""
+    model = random_model(tiny_args(n_layers=4, n_future_tokens=3), seed=2).eval()
+    model.setup_caches(len(PROMPTS), 64)
+    llama = Llama(model, IdTokenizer(eos_id=299, n_words=300))
+    expected = llama.generate(PROMPTS, 16, temperature=0)[0]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for block in [*model.layers, *model.extra_heads]:
+        monkeypatch.setattr(block.attention, "sdpa", masked_flex_attention)
+    assert llama.generate(PROMPTS, 16, temperature=0)[0] == expected
+    assert llama.generate(PROMPTS, 16, temperature=0, speculative=True)[0] == expected
+    assert llama.generate(PROMPTS, 16, temperature=0, tree=6)[0] == expected
+    with pytest.raises(ValueError, match="flex=True is for compiled steps on a GPU"):
+        DecodeSteps(model, compile=True, flex=True)
+    with pytest.raises(ValueError, match="flex=True is for compiled steps on a GPU"):
+        DecodeSteps(model, flex=True)
 
 
 def test_leading_true_counts_the_drafts_before_the_first_rejection():

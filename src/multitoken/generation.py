@@ -115,7 +115,7 @@ class Llama:
         self.steps = DecodeSteps(model)
 
     def compile(self, mode: str | None = None, rowwise: bool | None = None, fuse: bool | None = None,
-                freeze: bool | None = None, cpu_kernels: bool | None = None) -> Llama:
+                freeze: bool | None = None, cpu_kernels: bool | None = None, flex: bool = False) -> Llama:
         """Decode with torch.compile'd fixed-shape steps (`multitoken.steps`): one compilation per
         batch size and step length (and on a GPU per cache span: 512 slots, then doubling as a text
         grows; on a CPU one for every span short of the whole cache and one for the whole cache), on
@@ -126,9 +126,9 @@ class Llama:
         Self-speculative rows that finish leave the batch (`DecodeSteps.batch_size`): on a CPU a batch
         of B then also compiles its steps for the powers of two below B as it shrinks
         (`self.steps.retire_rows = False` keeps batches whole, as draft_heads="auto" does compiled).
-        `rowwise`, `fuse`, `freeze` and `cpu_kernels`: see DecodeSteps."""
+        `rowwise`, `fuse`, `freeze`, `cpu_kernels` and `flex`: see DecodeSteps."""
         self.steps = DecodeSteps(self.model, compile=True, mode=mode, rowwise=rowwise, fuse=fuse, freeze=freeze,
-                                 cpu_kernels=cpu_kernels)
+                                 cpu_kernels=cpu_kernels, flex=flex)
         return self
 
     @torch.inference_mode()

@@ -94,6 +94,27 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return out.reshape(bsz, n_heads, 1, head_dim).to(v.dtype)
 
 
+def masked_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`model.scaled_dot_product` as FlexAttention, for compiled steps (`DecodeSteps(flex=True)`). For the
+    few queries of a decode step its decoding kernel splits the cache among thread blocks, where SDPA's
+    kernels tile for many queries: on an H200, cuDNN's took 18 us per block for 1 query over 512 slots
+    and 38 us for 4, 13% of a 7B plain step and 21% of a self-speculative one, for ~8 MB of keys and
+    values (2 us of bandwidth). A score_mod reads the mask, so any pattern works (ragged rows, tree
+    masks). Eagerly, or without a mask (causal): scaled_dot_product."""
+    if mask is None or not torch.compiler.is_compiling():
+        return scaled_dot_product(q, k, v, mask)
+    # Imported here: the module pulls in the compiler, which eager decoding never needs.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    bsz, n_heads, n_q, _ = q.shape
+    mask = mask.expand(bsz, 1, n_q, k.shape[2])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(mask[b, 0, q_idx, kv_idx], score, -float("inf"))
+
+    return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=k.shape[1] != n_heads)
+
+
 def _fused_pays(fused: nn.Linear, x: torch.Tensor) -> bool:
     """Whether a fused product should replace the separate ones: not with gradients on (the fused
     weight is not a parameter), nor for row-wise reductions, which inductor fuses side by side
@@ -304,7 +325,8 @@ class DecodeSteps:
     on a CPU in bf16 when not frozen); `fuse` computes each block's q, k, v products as one and w1, w3
     as one (`fuse_projections`; default: on, eager too: 8-12% off an eager bf16 step of the shipped
     model; fuse=False separates them again, `unfuse_projections`); `single_query` makes compiled attention of one query per row multiplies and sums
-    (`single_query_attention`; default: compiled on a CPU);
+    (`single_query_attention`; default: compiled on a CPU); `flex` makes compiled attention FlexAttention
+    (`masked_flex_attention`; default off: for GPUs, `benchmarks/bench_gpu.py --attention both` measures it);
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
     `cpu_kernels` runs bf16 products and attention in `multitoken.kernels` (default: bf16 on a CPU where
@@ -322,7 +344,7 @@ class DecodeSteps:
     def __init__(self, model: Transformer, compile: bool = False, mode: str | None = None,
                  rowwise: bool | None = None, fuse: bool | None = None, freeze: bool | None = None,
                  single_query: bool | None = None, dynamic_span: bool | None = None, cpu_kernels: bool | None = None,
-                 compile_options: dict | None = None, group_heads: bool = True):
+                 compile_options: dict | None = None, group_heads: bool = True, flex: bool = False):
         if not model.has_caches:
             raise ValueError("decode steps need KV caches: call model.setup_caches(batch, seq_len) first")
         self.model = model
@@ -349,6 +371,9 @@ class DecodeSteps:
         if freeze and (not compile or mode is not None):
             raise ValueError("freeze=True is for steps compiled without a mode (compile=True, mode=None)")
         self.frozen = freeze
+        if flex and (not compile or device.type != "cuda"):
+            raise ValueError("flex=True is for compiled steps on a GPU (compile=True, a CUDA model): inductor's "
+                             "CPU FlexAttention does not take the steps' cache views; leave flex off here")
         if compile_options and mode is not None:
             raise ValueError("compile_options are for steps compiled without a mode (torch.compile takes one or the other)")
         options = {**FROZEN_OPTIONS, "guard_filter_fn": _frozen_guards} if freeze else {}
@@ -385,8 +410,8 @@ class DecodeSteps:
             single_query = compile and weight.device.type == "cpu"
         kernels.use_kernel_modules(model.modules(), cpu_kernels)
         for block in [*model.layers, *model.extra_heads]:
-            block.attention.sdpa = (kernels.attention if cpu_kernels else single_query_attention if single_query
-                                    else scaled_dot_product)
+            block.attention.sdpa = (kernels.attention if cpu_kernels else masked_flex_attention if flex
+                                    else single_query_attention if single_query else scaled_dot_product)
             block.attention.rotate = kernels.rotate if cpu_kernels else apply_rope
         if compile:
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
