@@ -34,18 +34,24 @@ def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
     kernel's and every attention the kernel's, all heads alike (the same fusions, norms and caches)."""
     if not heads or h.dtype != torch.bfloat16 or torch.is_grad_enabled() or h.shape[:-1].numel() > kernels.PACKED_MAX_ROWS:
         return False
-    first = heads[0]
+    a0, f0, n0, m0 = _parts(heads[0])
     for block in heads:
-        if (block.attention.sdpa is not kernels.attention or block.attention.cache is None
-                or type(block.attention) is not type(first.attention)
-                or type(block.feed_forward) is not type(first.feed_forward)
-                or type(block.attention_norm) is not type(first.attention_norm)
-                or type(block.ffn_norm) is not type(first.ffn_norm) or block.attention.rotate is not first.attention.rotate
-                or block.attention_norm.eps != first.attention_norm.eps or block.ffn_norm.eps != first.ffn_norm.eps):
+        a, f, norm1, norm2 = _parts(block)
+        if (a.sdpa is not kernels.attention or a._modules.get("cache") is None or type(a) is not type(a0)
+                or type(f) is not type(f0) or type(norm1) is not type(n0) or type(norm2) is not type(m0)
+                or a.rotate is not a0.rotate or norm1.eps != n0.eps or norm2.eps != m0.eps):
             return False
-        if not all(isinstance(m, kernels.PackedLinear) and m.packed is not None for m in steps.block_products(block)):
+        if not all(isinstance(m, kernels.PackedLinear) and m._buffers.get("packed") is not None
+                   for m in steps.block_products(block)):
             return False
     return True
+
+
+def _parts(block: TransformerBlock) -> tuple:
+    """A block's attention, feed-forward and two norms, read from its module dict: nn.Module.__getattr__
+    costs ~0.5 us a lookup, and a self-speculative step checks and calls the heads' parts ~100 times."""
+    m = block._modules
+    return m["attention"], m["feed_forward"], m["attention_norm"], m["ffn_norm"]
 
 
 def _norm(x: torch.Tensor, norms: list[RMSNorm]) -> torch.Tensor:
@@ -106,23 +112,24 @@ def _in_one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions)
     products, the kernels' norms and rotations, bf16 caches (beside what `usable` checked)."""
     if torch.compiler.is_compiling() or isinstance(pos.start, int) or pos.mask is None or pos.mask.dim() != 4:
         return False
-    a = heads[0].attention
-    return (isinstance(a, steps.FusedAttention) and isinstance(heads[0].feed_forward, steps.FusedFeedForward)
-            and type(heads[0].attention_norm) is kernels.KernelRMSNorm and type(heads[0].ffn_norm) is kernels.KernelRMSNorm
+    a, f, norm1, norm2 = _parts(heads[0])
+    return (isinstance(a, steps.FusedAttention) and isinstance(f, steps.FusedFeedForward)
+            and type(norm1) is kernels.KernelRMSNorm and type(norm2) is kernels.KernelRMSNorm
             and a.rotate is kernels.rotate and kernels._elementwise_runs(h) and a.head_dim % kernels.BLOCK == 0
-            and a.head_dim <= 256 and all(b.attention.cache.k.dtype == h.dtype for b in heads))
+            and a.head_dim <= 256 and all(_parts(b)[0]._modules["cache"]._buffers["k"].dtype == h.dtype for b in heads))
 
 
 def _one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor) -> torch.Tensor:
     """`forward` in one kernel call: the same operations from C++, the same numbers bit for bit."""
-    a, f = heads[0].attention, heads[0].feed_forward
     packed, norms, caches = [], [], []
     for b in heads:
-        packed += [b.attention.wqkv.refresh(), b.attention.wo.refresh(), b.feed_forward.w13.refresh(),
-                   b.feed_forward.w2.refresh()]
-        norms += [b.attention_norm.weight, b.ffn_norm.weight]
-        caches += [b.attention.cache.k, b.attention.cache.v]
-    out_features = [a.wqkv.weight.shape[0], a.wo.weight.shape[0], f.w13.weight.shape[0], f.w2.weight.shape[0]]
-    out = torch.ops.multitoken.head_group.default(h, index, packed, out_features, norms, heads[0].attention_norm.eps,
+        a, f, norm1, norm2 = _parts(b)
+        products = (a.__dict__["wqkv"], a._modules["wo"], f.__dict__["w13"], f._modules["w2"])
+        packed += [p.refresh(p._parameters["weight"]) for p in products]
+        norms += [norm1._parameters["weight"], norm2._parameters["weight"]]
+        cache = a._modules["cache"]._buffers
+        caches += [cache["k"], cache["v"]]
+    out_features = [p._parameters["weight"].shape[0] for p in products]  # the heads are alike (`usable`)
+    out = torch.ops.multitoken.head_group.default(h, index, packed, out_features, norms, norm1.eps,
                                                   a.n_heads, a.n_kv_heads, pos.rope, pos.mask, caches, pos.start, pos.rows)
     return out[:, :, 0].transpose(0, 1)

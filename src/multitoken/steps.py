@@ -215,7 +215,7 @@ def unfuse_projections(model: Transformer) -> Transformer:
 def block_products(block: nn.Module) -> list[nn.Linear]:
     """The linear layers a block's forward without gradients runs: its fused products where
     `fuse_projections` made them, its separate ones elsewhere."""
-    attention, ffn = block.attention, block.feed_forward
+    attention, ffn = block._modules["attention"], block._modules["feed_forward"]  # (no nn.Module.__getattr__: hot)
     return ([attention.wqkv] if isinstance(attention, FusedAttention) else [attention.wq, attention.wk, attention.wv]) \
         + [attention.wo, ffn.w2] + ([ffn.w13] if isinstance(ffn, FusedFeedForward) else [ffn.w1, ffn.w3])
 
@@ -530,10 +530,12 @@ class DecodeSteps:
         emits the first n_acc + 1 (accepted drafts equal the head's tokens); n_acc (batch,), the
         drafts the head agrees with before its first disagreement; and k new drafts (batch, k) from the
         extra heads at the last accepted position."""
-        h, logits = self._step(tokens, start, span=span)
-        target = logits.argmax(-1)
+        m = self.model
+        pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)  # once for the step and the drafts
+        h = m.forward_trunk(tokens, pos)
+        target = m.logits(m.forward_head(0, h, pos)).argmax(-1)
         n_acc = leading_true(target[:, :-1] == tokens[:, 1:])
-        return target, n_acc, self._draft(h, start, n_acc, k, span=span).argmax(-1)
+        return target, n_acc, draft_logits(m, h, pos, n_acc, k, grouped=self.group_heads).argmax(-1)
 
 
 def leading_true(ok: torch.Tensor) -> torch.Tensor:
