@@ -4,12 +4,26 @@ import pytest
 import torch
 
 from multitoken import kernels
-from multitoken.sampling import probs_from_logits, sample
+from multitoken.sampling import greedy, probs_from_logits, sample
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(4, 7, 50)
     assert torch.equal(sample(logits, 0.0, 0.9), logits.argmax(-1))
+
+
+def test_greedy_takes_argmax_first_index_among_ties_and_nans():
+    """`greedy` is torch.max's indices (faster than argmax on a CPU): the same first index among equal
+    logits (bf16-rounded logits tie often), a NaN's where a row holds one, for any vocabulary length."""
+    g = torch.Generator().manual_seed(0)
+    for vocab in (2, 17, 4096, 5003):
+        ties = torch.randint(-2, 3, (6, 3, vocab), generator=g).float()
+        rounded = torch.randn(6, 3, vocab, generator=g).to(torch.bfloat16).float()
+        nan = rounded.clone()
+        nan[0, 1, vocab // 2] = float("nan")
+        for logits in (ties, rounded, nan, ties[:, 0]):
+            assert torch.equal(greedy(logits), logits.argmax(-1))
+    assert greedy(ties)[0, 0] == (ties[0, 0] == ties[0, 0].max()).int().argmax()  # the first maximum
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p_and_always_the_top_token():

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from multitoken.model import Positions, Transformer
-from multitoken.sampling import draw, probs_from_logits
+from multitoken.sampling import draw, greedy as greedy_tokens, probs_from_logits
 from multitoken.steps import DecodeSteps, StepTimes, draft_logits, leading_true
 
 
@@ -370,13 +370,13 @@ def generate(
     def pick(logits: torch.Tensor) -> torch.Tensor:
         """Tokens for (batch, vocab) logits."""
         if greedy:
-            return logits.argmax(-1)
+            return greedy_tokens(logits)
         return draw(probs_from_logits(logits, temperature, top_p), uniforms())
 
     def draft(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drafts (batch, j) from the extra heads' logits (batch, j, vocab), and their distributions."""
         if greedy:
-            return logits.argmax(-1), None
+            return greedy_tokens(logits), None
         probs = probs_from_logits(logits, temperature, top_p)
         return draw(probs, uniforms(probs.shape[1])), probs
 
@@ -441,7 +441,7 @@ def generate(
         else:
             h, logits0 = step.step(inp, start, span=span)  # logits0: (batch, j + 1, vocab)
             if greedy:
-                step_tokens = logits0.argmax(-1)  # accepted drafts equal the head's tokens
+                step_tokens = greedy_tokens(logits0)  # accepted drafts equal the head's tokens
                 n_acc = leading_true(step_tokens[:, :j] == drafts[:, :j])
                 nxt = step_tokens[rows, n_acc]
             else:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multitoken import grouped_heads, kernels
+from multitoken.sampling import greedy as greedy_tokens
 from multitoken.model import Attention, FeedForward, Positions, Transformer, apply_rope, scaled_dot_product, select_tokens
 
 # Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
@@ -533,9 +534,9 @@ class DecodeSteps:
         m = self.model
         pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)  # once for the step and the drafts
         h = m.forward_trunk(tokens, pos)
-        target = m.logits(m.forward_head(0, h, pos)).argmax(-1)
+        target = greedy_tokens(m.logits(m.forward_head(0, h, pos)))
         n_acc = leading_true(target[:, :-1] == tokens[:, 1:])
-        return target, n_acc, draft_logits(m, h, pos, n_acc, k, grouped=self.group_heads).argmax(-1)
+        return target, n_acc, greedy_tokens(draft_logits(m, h, pos, n_acc, k, grouped=self.group_heads))
 
 
 def leading_true(ok: torch.Tensor) -> torch.Tensor:

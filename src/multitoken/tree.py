@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from multitoken.model import Positions, Transformer
-from multitoken.sampling import draw, probs_from_logits
+from multitoken.sampling import draw, greedy as greedy_tokens, probs_from_logits
 from multitoken.steps import DecodeSteps, draft_logits, span_length
 from multitoken.speculative import (
     Outputs,
@@ -328,7 +328,7 @@ def greedy_tree_step(model: Transformer, drafter: TreeDrafter, tokens: torch.Ten
     t = Tree(parent, depth, rank, tokens)
     tpos = tree_positions(model, t, start, max_depth=width, span=span)
     h = model.forward_trunk(tokens, tpos)
-    target = model.logits(model.forward_head(0, h, tpos)).argmax(-1)
+    target = greedy_tokens(model.logits(model.forward_head(0, h, tpos)))
     path, n_acc = accept_greedy(t, target, max_depth=width)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     nxt = target[rows, path[rows, n_acc]]
@@ -376,7 +376,7 @@ def generate(
     outputs = Outputs(model, prompt_tokens, max_gen_len, eos_id, stats, on_token)
 
     h, pos, index, logits0, prompt_logprobs = prefill(model, prompt_tokens, logprobs)
-    x0 = logits0.argmax(-1) if greedy else draw(probs_from_logits(logits0, temperature, top_p))
+    x0 = greedy_tokens(logits0) if greedy else draw(probs_from_logits(logits0, temperature, top_p))
     first_lp = token_logprobs(logits0, x0).tolist() if logprobs else [0.0] * bsz
     for b, t in enumerate(x0.tolist()):
         if not outputs.done[b]:
@@ -433,7 +433,7 @@ def generate(
         h = model.forward_trunk(tokens, tpos)
         logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
         if greedy:
-            target = logits0.argmax(-1)
+            target = greedy_tokens(logits0)
             path, n_acc = accept_greedy(t, target)
             nxt = target[rows, path[rows, n_acc]]
         else:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from multitoken.model import Positions, Transformer
-from multitoken.sampling import check_sampling_args, draw, probs_from_logits
+from multitoken.sampling import check_sampling_args, draw, greedy as greedy_tokens, probs_from_logits
 from multitoken.speculative import SpeculativeStats, accept_drafts, check_draft_heads, residual
 from multitoken.steps import draft_logits, leading_true
 
@@ -255,7 +255,7 @@ class Engine:
         pos = self.model.positions(self.cur[rows], n, k + 1)
         h = self.model.forward_trunk(torch.cat([self.last[rows, None], drafts], dim=1), pos)
         logits = self.model.logits(self.model.forward_head(0, h, pos))  # (n, k + 1, vocab)
-        target = logits.argmax(-1)
+        target = greedy_tokens(logits)
         ok = target[:, :k] == drafts
         u = self._uniforms(self.running)
         if bool(greedy.all()):
@@ -296,7 +296,7 @@ class Engine:
         """Tokens for logits (n, m, vocab): argmax in greedy rows, else drawn with u (n, m); and the
         distributions of the sampled rows (None when every row is greedy)."""
         greedy = self.greedy[rows]
-        tokens = logits.argmax(-1)
+        tokens = greedy_tokens(logits)
         if bool(greedy.all()):
             return tokens, None
         probs = probs_from_logits(logits, self.temperature[rows], self.top_p[rows])
