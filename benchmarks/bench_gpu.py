@@ -208,10 +208,10 @@ def time_matvec(device: str, tiny: bool) -> list[tuple[str, float, float, float]
     return rows
 
 
-def time_attention(device: str, tiny: bool, keys: int = 512) -> list[tuple[int, float, float, float, float]]:
+def time_attention(device: str, tiny: bool, keys: int) -> list[tuple[int, float, float, float, float]]:
     """(queries per row, compiled SDPA us, compiled FlexAttention us (`masked_flex_attention`), each one's
     max abs error against float64) for one block's attention at batch 1 over a `keys`-slot cache with
-    a causal mask (512: a compiled GPU step's least span), caches in rotation so none sits in the L2."""
+    a causal mask (the span the 7B rows' steps attend), caches in rotation so none sits in the L2."""
     from multitoken.model import scaled_dot_product
     from multitoken.steps import masked_flex_attention
 
@@ -222,7 +222,8 @@ def time_attention(device: str, tiny: bool, keys: int = 512) -> list[tuple[int, 
     rows = []
     for n_q in (1, 4, 8, 65):
         q = torch.randn(1, heads, n_q, head_dim, device=device, dtype=dtype)
-        seen = keys - 70 + torch.arange(n_q, device=device)  # the last position each query sees
+        # The last key each query sees: the queries are the newest tokens of a cache three quarters full.
+        seen = max(n_q, keys * 3 // 4) - n_q + torch.arange(n_q, device=device)
         mask = (torch.arange(keys, device=device) <= seen[:, None])[None, None]
         k0, v0 = caches[0]
         ref = scaled_dot_product(q.double(), k0.double(), v0.double(), mask)
@@ -304,9 +305,11 @@ def main() -> None:
         print(f"{'one-row bf16 product':<22} {'cuBLAS GB/s':>11} {'reduction GB/s':>14} {'tuned GB/s':>10}")
         for shape, *rates in matvec:
             print(f"{shape:<22} " + " ".join(f"{r:>{w}.0f}" for r, w in zip(rates, (11, 14, 10))), flush=True)
+    seq = a.prompt_len + a.new_tokens + max(8, a.tree + 1)  # the 7B rows' cache
     if a.attention == "both":
-        attention = guarded("attention", lambda: time_attention(a.device, a.tiny), failed) or []
-        print(f"{'one block, batch 1':<18} {'SDPA us':>8} {'flex us':>8} {'SDPA err':>9} {'flex err':>9}")
+        span = min(seq, 512)  # a compiled GPU step's least span (steps.MIN_SPAN), at most the cache
+        attention = guarded("attention", lambda: time_attention(a.device, a.tiny, span), failed) or []
+        print(f"{f'one block, {span} keys':<18} {'SDPA us':>8} {'flex us':>8} {'SDPA err':>9} {'flex err':>9}")
         for n_q, *values in attention:
             print(f"{f'{n_q} queries':<18} {values[0]:>8.1f} {values[1]:>8.1f} {values[2]:>9.1e} {values[3]:>9.1e}",
                   flush=True)
@@ -355,7 +358,6 @@ def main() -> None:
                 tree_t[1] / plain[1] if tree_t else nan, ceiling)
 
     if not a.skip_7b:
-        seq = a.prompt_len + a.new_tokens + max(8, a.tree + 1)
         dim, layers, vocab = (128, 8, 512) if a.tiny else (4096, 32, 32000)
         shape = dict(dim=dim, n_layers=layers, n_heads=dim // 128, vocab_size=vocab, multiple_of=256, max_seq_len=seq)
         dtype = torch.float32 if a.tiny else torch.bfloat16

@@ -98,9 +98,9 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 def masked_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`model.scaled_dot_product` as FlexAttention, for compiled steps (`DecodeSteps(flex=True)`). For the
     few queries of a decode step its decoding kernel splits the cache among thread blocks, where SDPA's
-    kernels tile for many queries: on an H200, cuDNN's took 18 us per block for 1 query over 512 slots
-    and 38 us for 4, 13% of a 7B plain step and 21% of a self-speculative one, for ~8 MB of keys and
-    values (2 us of bandwidth). A score_mod reads the mask, so any pattern works (ragged rows, tree
+    kernels tile for many queries: on an H200, cuDNN's took 18 us per block for 1 query over 321 slots
+    and 38 us for 4, 13% of a 7B plain step and 21% of a self-speculative one, for 5 MB of keys and
+    values (~1.3 us of bandwidth). A score_mod reads the mask, so any pattern works (ragged rows, tree
     masks). Eagerly, or without a mask (causal): scaled_dot_product."""
     if mask is None or not torch.compiler.is_compiling():
         return scaled_dot_product(q, k, v, mask)
