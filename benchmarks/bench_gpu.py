@@ -5,7 +5,8 @@ Llama-2-7B-shaped n=1 model at batch 8. One table last.
 
     python benchmarks/bench_gpu.py [--new-tokens 128] [--repeats 3] [--skip-7b] [--compile reduce-overhead] [--eager-check]
         [--tree 64] [--batches 1 8] [--no-eager] [--no-llama2] [--matvec] [--rowwise] [--unfused]
-        [--profile] [--inductor KEY=VALUE ...] [--verify-tokens 1 4 8 16 32 64] [--attention sdpa|flex|both]
+        [--profile] [--inductor KEY=VALUE ...] [--verify-tokens 1 4 8 16 32 64]
+        [--attention sdpa|flex|efficient|math ...]
         [--tiny --device cpu]
 
 --tiny swaps the 7B shapes for small ones, so the script itself can be tried on a CPU (the tests do).
@@ -28,8 +29,10 @@ products of the 7B shapes (cuBLAS against compiled fused reductions); --rowwise 
 rows with those reductions (`Llama.compile(rowwise=True)`, coordinate-descent tuned). Compiled steps
 compute each block's q/k/v and w1/w3 products as one (`fuse_projections`); --unfused adds a batch-1
 row without, first. --profile prints the kernels of the compiled plain and self-speculative steps by
-device time. --attention both adds rows with FlexAttention in the compiled steps (`flex=True`) before
-the SDPA ones, and times one block's attention alone each way.
+device time. --attention picks how the compiled steps attend, a row each: "sdpa" (SDPA's own choice of
+kernel: cuDNN's on an H100/H200), "flex" (FlexAttention, `DecodeSteps(flex=True)`), "efficient" or
+"math" (SDPA held to that backend, `torch.nn.attention.sdpa_kernel`); with more than one it also
+times one block's attention alone each way and checks compiled exactness each way.
 --verify-tokens times the compiled (or eager) 7B n=4 step feeding M tokens per row at batch 1 for each M,
 against one token (`eval.bench.verify_costs`): the verify cost of a chain or of a tree of M - 1 nodes,
 and what a tree must gain in tokens per forward over the chain to pay for it.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import statistics
 import time
 import traceback
@@ -80,10 +84,18 @@ class FixedEOS:
         self.eos_id = eos_id
 
 
-def check_exactness(compile_mode: str | None, device: str, flexes: tuple[bool, ...] = (False,)) -> bool:
+def attending(attention: str):
+    """The context the compiled steps of `attention` (an --attention choice) are compiled and run in."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}.get(attention)
+    return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
+
+
+def check_exactness(compile_mode: str | None, device: str, attentions: tuple[str, ...] = ("sdpa",)) -> bool:
     """Greedy self-speculative == plain greedy on a small float32 model: eagerly at batch 1 and 4 for
     every k, "auto" and a 16-node tree, and with an EOS that stops rows early; given a mode, compiled
-    at batch 4 (ragged prompts) too, with FlexAttention and/or SDPA (`flexes`)."""
+    at batch 4 (ragged prompts) too, once for each way of attending (`attentions`: --attention's)."""
     args = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, n_future_tokens=4,
                      multiple_of=64, max_seq_len=128)
     torch.manual_seed(0)
@@ -103,15 +115,16 @@ def check_exactness(compile_mode: str | None, device: str, flexes: tuple[bool, .
     stopping = Llama(model, FixedEOS(eos))
     ok &= stopping.generate(prompts, 40, temperature=0)[0] == cut
     ok &= stopping.generate(prompts, 40, temperature=0, speculative=True)[0] == cut
-    for flex in flexes if compile_mode is not None else ():
+    for attention in attentions if compile_mode is not None else ():
         # Batch 4 alone: each compiled shape costs a compilation, and the ragged batch is the harder case.
-        compiled = Llama(model, IgnoreEOS()).compile(mode=compile_mode, flex=flex)
-        ok &= compiled.generate(prompts, 40, temperature=0)[0] == plain
-        ok &= compiled.generate(prompts, 40, temperature=0, speculative=True)[0] == plain
-        ok &= compiled.generate(prompts, 40, temperature=0, speculative=True, draft_heads="auto")[0] == plain
-        ok &= compiled.generate(prompts, 40, temperature=0, tree=16)[0] == plain
-        compiled.tokenizer = FixedEOS(eos)
-        ok &= compiled.generate(prompts, 40, temperature=0)[0] == cut
+        with attending(attention):
+            compiled = Llama(model, IgnoreEOS()).compile(mode=compile_mode, flex=attention == "flex")
+            ok &= compiled.generate(prompts, 40, temperature=0)[0] == plain
+            ok &= compiled.generate(prompts, 40, temperature=0, speculative=True)[0] == plain
+            ok &= compiled.generate(prompts, 40, temperature=0, speculative=True, draft_heads="auto")[0] == plain
+            ok &= compiled.generate(prompts, 40, temperature=0, tree=16)[0] == plain
+            compiled.tokenizer = FixedEOS(eos)
+            ok &= compiled.generate(prompts, 40, temperature=0)[0] == cut
     return ok
 
 
@@ -208,10 +221,10 @@ def time_matvec(device: str, tiny: bool) -> list[tuple[str, float, float, float]
     return rows
 
 
-def time_attention(device: str, tiny: bool, keys: int) -> list[tuple[int, float, float, float, float]]:
-    """(queries per row, compiled SDPA us, compiled FlexAttention us (`masked_flex_attention`), each one's
-    max abs error against float64) for one block's attention at batch 1 over a `keys`-slot cache with
-    a causal mask (the span the 7B rows' steps attend), caches in rotation so none sits in the L2."""
+def time_attention(device: str, tiny: bool, keys: int, attentions: list[str]) -> list[tuple[int, list[float], list[float]]]:
+    """(queries per row, us and max abs error against float64 for each of `attentions`) for one block's
+    attention at batch 1 over a `keys`-slot cache with a causal mask (the span the 7B rows' steps
+    attend), compiled, caches in rotation so none sits in the L2 cache."""
     from multitoken.model import scaled_dot_product
     from multitoken.steps import masked_flex_attention
 
@@ -228,13 +241,14 @@ def time_attention(device: str, tiny: bool, keys: int) -> list[tuple[int, float,
         k0, v0 = caches[0]
         ref = scaled_dot_product(q.double(), k0.double(), v0.double(), mask)
         times, errors = [], []
-        for fn in (scaled_dot_product, masked_flex_attention):
-            compiled = torch.compile(fn, dynamic=False)
-            with torch.inference_mode():
+        for attention in attentions:
+            fn = masked_flex_attention if attention == "flex" else scaled_dot_product
+            with attending(attention), torch.inference_mode():
+                compiled = torch.compile(fn, dynamic=False)
                 errors.append((compiled(q, k0, v0, mask).double() - ref).abs().max().item())
                 calls = [lambda c=caches[i % copies]: compiled(q, *c, mask) for i in range(4 * copies)]
                 times.append(1e6 * _time_calls(calls, device))
-        rows.append((n_q, *times, *errors))
+        rows.append((n_q, times, errors))
     return rows
 
 
@@ -274,9 +288,10 @@ def main() -> None:
     p.add_argument("--verify-tokens", type=int, nargs="+", default=[], metavar="M",
                    help="also time the 7B n=4 step feeding M tokens per row at batch 1, for each M (1 and 4 added): "
                         "what a chain or a tree of M - 1 nodes costs to verify")
-    p.add_argument("--attention", choices=["sdpa", "flex", "both"], default="sdpa",
-                   help="compiled rows' attention: SDPA (the default), FlexAttention (`DecodeSteps(flex=True)`), "
-                        "or a row of each; 'both' also times one block's attention alone, each way")
+    p.add_argument("--attention", choices=["sdpa", "flex", "efficient", "math"], nargs="+", default=["sdpa"],
+                   help="how compiled rows attend, a row each: SDPA's own choice (the default), FlexAttention "
+                        "(`DecodeSteps(flex=True)`), SDPA held to its efficient or math backend; with more than one, "
+                        "also one block's attention alone each way")
     p.add_argument("--eager-check", action="store_true", help="check exactness eagerly only, even with --compile")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes instead of 7B: to try the script on a CPU")
@@ -294,10 +309,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name() if cuda else a.device}, torch {torch.__version__}", flush=True)
     failed: list[str] = []
     check_mode = None if a.eager_check else a.compile
-    flexes = {"sdpa": [False], "flex": [True], "both": [True, False]}[a.attention]
-    exact = guarded("exactness check", lambda: check_exactness(check_mode, a.device, tuple(flexes)), failed)
+    exact = guarded("exactness check", lambda: check_exactness(check_mode, a.device, tuple(a.attention)), failed)
     print(f"greedy self-speculative == plain (batch 1 and 4; k = 1, 2, 3, auto; tree 16; EOS; compiled: "
-          f"{check_mode}{'' if check_mode is None else ', ' + a.attention}): {exact}", flush=True)
+          f"{check_mode}{'' if check_mode is None else ', ' + ' '.join(a.attention)}): {exact}", flush=True)
     bw = copy_bandwidth(a.device, (64 << 20) if a.tiny else (4 << 30))
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     if a.matvec:
@@ -306,12 +320,12 @@ def main() -> None:
         for shape, *rates in matvec:
             print(f"{shape:<22} " + " ".join(f"{r:>{w}.0f}" for r, w in zip(rates, (11, 14, 10))), flush=True)
     seq = a.prompt_len + a.new_tokens + max(8, a.tree + 1)  # the 7B rows' cache
-    if a.attention == "both":
+    if len(a.attention) > 1:
         span = min(seq, 512)  # a compiled GPU step's least span (steps.MIN_SPAN), at most the cache
-        attention = guarded("attention", lambda: time_attention(a.device, a.tiny, span), failed) or []
-        print(f"{f'one block, {span} keys':<18} {'SDPA us':>8} {'flex us':>8} {'SDPA err':>9} {'flex err':>9}")
-        for n_q, *values in attention:
-            print(f"{f'{n_q} queries':<18} {values[0]:>8.1f} {values[1]:>8.1f} {values[2]:>9.1e} {values[3]:>9.1e}",
+        timed = guarded("attention", lambda: time_attention(a.device, a.tiny, span, a.attention), failed) or []
+        print(f"one block's attention, {span} keys: us (max abs error) for " + ", ".join(a.attention))
+        for n_q, times, errors in timed:
+            print(f"{n_q:>3} queries  " + "  ".join(f"{us:>7.1f} ({err:.1e})" for us, err in zip(times, errors)),
                   flush=True)
     rows = []
     nan = float("nan")
@@ -326,12 +340,14 @@ def main() -> None:
 
     def measure(name: str, model: Transformer, batch: int, compile_mode: str | None, rowwise: bool = False,
                 speculative: bool = True, tree: int = 0, ceiling: float = nan, fuse: bool = True,
-                flex: bool = False) -> None:
+                attention: str = "sdpa") -> None:
         path = "eager" if compile_mode is None else (
-            f"compiled{' rowwise' if rowwise else ''}{'' if fuse else ' unfused'}{' flex' if flex else ''} ({compile_mode})")
+            f"compiled{' rowwise' if rowwise else ''}{'' if fuse else ' unfused'}"
+            f"{'' if attention == 'sdpa' else ' ' + attention} ({compile_mode})")
         what = f"{name} b{batch} {path}"
         llama = lambda: Llama(model, IgnoreEOS()) if compile_mode is None else (  # noqa: E731
-            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None, fuse=fuse, flex=flex))
+            Llama(model, IgnoreEOS()).compile(mode=compile_mode, rowwise=rowwise or None, fuse=fuse,
+                                              flex=attention == "flex"))
         timed = lambda **mode: time_decode(llama(), batch, a.prompt_len, a.new_tokens,  # noqa: E731
                                            a.repeats, **mode)
         plain_llama = guarded(f"{what} steps", llama, failed)
@@ -371,19 +387,23 @@ def main() -> None:
                 measure("7B n=4", model, batch, None, tree=a.tree, ceiling=ceiling)
         if a.compile:
             if a.unfused:
-                measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False, flex=flexes[0])
+                with attending(a.attention[0]):
+                    measure("7B n=4", model, 1, a.compile, ceiling=ceiling, fuse=False, attention=a.attention[0])
             for batch in a.batches:
-                for flex in flexes:
-                    measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling, flex=flex)
+                for attention in a.attention:
+                    with attending(attention):
+                        measure("7B n=4", model, batch, a.compile, tree=a.tree, ceiling=ceiling, attention=attention)
             if a.rowwise:
                 tuning = inductor_config.coordinate_descent_tuning
                 inductor_config.coordinate_descent_tuning = True
                 measure("7B n=4", model, 1, a.compile, rowwise=True, speculative=False, ceiling=ceiling)
                 inductor_config.coordinate_descent_tuning = tuning
         if a.verify_tokens:
-            steps = (Llama(model, IgnoreEOS()).compile(mode=a.compile, flex=flexes[0]) if a.compile else Llama(model, IgnoreEOS())).steps
+            steps = (Llama(model, IgnoreEOS()).compile(mode=a.compile, flex=a.attention[0] == "flex") if a.compile
+                     else Llama(model, IgnoreEOS())).steps
             counts = sorted({1, model.n_future_tokens, *a.verify_tokens})
-            verify = guarded("verify costs", lambda: verify_costs(steps, 1, a.prompt_len, counts), failed)
+            with attending(a.attention[0]):
+                verify = guarded("verify costs", lambda: verify_costs(steps, 1, a.prompt_len, counts), failed)
             if verify:
                 verify_table = format_verify_costs(verify, model.n_future_tokens)
                 print(verify_table, flush=True)
