@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from multitoken import grouped_heads, kernels
-from multitoken.sampling import greedy as greedy_tokens
 from multitoken.model import Attention, FeedForward, Positions, Transformer, apply_rope, scaled_dot_product, select_tokens
+from multitoken.sampling import greedy as greedy_tokens
 
 # Up to this many rows (tokens x batch) a bf16 product runs as a fused reduction on a CPU. Measured
 # here (2-core AVX-512): 3.5x ATen's speed at 1 row, equal at 4 in isolation; but inside a whole
@@ -327,7 +327,7 @@ class DecodeSteps:
     as one (`fuse_projections`; default: on, eager too: 8-12% off an eager bf16 step of the shipped
     model; fuse=False separates them again, `unfuse_projections`); `single_query` makes compiled attention of one query per row multiplies and sums
     (`single_query_attention`; default: compiled on a CPU); `flex` makes compiled attention FlexAttention
-    (`masked_flex_attention`; default off: for GPUs, `benchmarks/bench_gpu.py --attention both` measures it);
+    (`masked_flex_attention`; default off: for GPUs, `benchmarks/bench_gpu.py --attention flex sdpa` measures it);
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
     `cpu_kernels` runs bf16 products and attention in `multitoken.kernels` (default: bf16 on a CPU where
