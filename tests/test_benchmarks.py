@@ -79,6 +79,23 @@ def test_bench_gpu_compiled_rows_run_on_a_cpu_with_tiny_shapes():
     assert "greedy self-speculative step, 3 drafts x 10:" in result.stdout and "exactness ok" in result.stdout
 
 
+@pytest.mark.slow
+def test_bench_gpu_times_each_way_of_attending_on_a_cpu_with_tiny_shapes():
+    """--attention with several ways (here SDPA held to its math backend, and SDPA's own choice: the
+    ones a CPU runs): one block's attention alone each way, then a row each, as on the GPU."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--device", "cpu", "--prompt-len", "8",
+           "--new-tokens", "8", "--repeats", "1", "--tree", "0", "--compile", "--no-eager", "--eager-check",
+           "--batches", "1", "--no-llama2", "--attention", "math", "sdpa"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "one block's attention, 24 keys: us (max abs error) for math, sdpa" in result.stdout, result.stdout
+    alone = [line.split() for line in result.stdout.splitlines() if line.endswith(")") and "queries" in line]
+    assert [r[0] for r in alone] == ["1", "4", "8", "65"] and all(len(r) == 6 for r in alone), result.stdout
+    assert all(float(r[3].strip("()")) < 1e-5 and float(r[5].strip("()")) < 1e-5 for r in alone), result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("7B")]
+    assert [r[4] for r in rows] == ["math", "(reduce-overhead)"], result.stdout
+
+
 def test_bench_verify_times_each_token_count_against_one_and_the_chain(tiny_ckpt):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_verify.py"), "--ckpt-dir", str(tiny_ckpt), "--eager",
            "--tokens", "5", "--rounds", "2", "--calls", "2", "--dtype", "float32"]
