@@ -34,9 +34,9 @@ def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
     kernel's and every attention the kernel's, all heads alike (the same fusions, norms and caches)."""
     if not heads or h.dtype != torch.bfloat16 or torch.is_grad_enabled() or h.shape[:-1].numel() > kernels.PACKED_MAX_ROWS:
         return False
-    a0, f0, n0, m0 = _parts(heads[0])
+    a0, f0, n0, m0 = kernels.block_parts(heads[0])
     for block in heads:
-        a, f, norm1, norm2 = _parts(block)
+        a, f, norm1, norm2 = kernels.block_parts(block)
         if (a.sdpa is not kernels.attention or a._modules.get("cache") is None or type(a) is not type(a0)
                 or type(f) is not type(f0) or type(norm1) is not type(n0) or type(norm2) is not type(m0)
                 or a.rotate is not a0.rotate or norm1.eps != n0.eps or norm2.eps != m0.eps):
@@ -45,13 +45,6 @@ def usable(heads: list[TransformerBlock], h: torch.Tensor) -> bool:
                    for m in steps.block_products(block)):
             return False
     return True
-
-
-def _parts(block: TransformerBlock) -> tuple:
-    """A block's attention, feed-forward and two norms, read from its module dict: nn.Module.__getattr__
-    costs ~0.5 us a lookup, and a self-speculative step checks and calls the heads' parts ~100 times."""
-    m = block._modules
-    return m["attention"], m["feed_forward"], m["attention_norm"], m["ffn_norm"]
 
 
 def _norm(x: torch.Tensor, norms: list[RMSNorm]) -> torch.Tensor:
@@ -112,24 +105,24 @@ def _in_one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions)
     products, the kernels' norms and rotations, bf16 caches (beside what `usable` checked)."""
     if torch.compiler.is_compiling() or isinstance(pos.start, int) or pos.mask is None or pos.mask.dim() != 4:
         return False
-    a, f, norm1, norm2 = _parts(heads[0])
+    a, f, norm1, norm2 = kernels.block_parts(heads[0])
     return (isinstance(a, steps.FusedAttention) and isinstance(f, steps.FusedFeedForward)
             and type(norm1) is kernels.KernelRMSNorm and type(norm2) is kernels.KernelRMSNorm
             and a.rotate is kernels.rotate and kernels._elementwise_runs(h) and a.head_dim % kernels.BLOCK == 0
-            and a.head_dim <= 256 and all(_parts(b)[0]._modules["cache"]._buffers["k"].dtype == h.dtype for b in heads))
+            and a.head_dim <= 256 and all(kernels.block_parts(b)[0]._modules["cache"]._buffers["k"].dtype == h.dtype for b in heads))
 
 
 def _one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor) -> torch.Tensor:
     """`forward` in one kernel call: the same operations from C++, the same numbers bit for bit."""
     packed, norms, caches = [], [], []
-    for b in heads:
-        a, f, norm1, norm2 = _parts(b)
-        products = (a.__dict__["wqkv"], a._modules["wo"], f.__dict__["w13"], f._modules["w2"])
-        packed += [p.refresh(p._parameters["weight"]) for p in products]
-        norms += [norm1._parameters["weight"], norm2._parameters["weight"]]
-        cache = a._modules["cache"]._buffers
+    for b in heads:  # alike (`usable`): the first one's sizes, eps and head counts serve them all
+        parts = kernels.block_parts(b)
+        b_packed, out_features, b_norms = kernels.block_operands(*parts)
+        packed += b_packed
+        norms += b_norms
+        cache = parts[0]._modules["cache"]._buffers
         caches += [cache["k"], cache["v"]]
-    out_features = [p._parameters["weight"].shape[0] for p in products]  # the heads are alike (`usable`)
+    a, _, norm1, _ = kernels.block_parts(heads[0])
     out = torch.ops.multitoken.head_group.default(h, index, packed, out_features, norms, norm1.eps,
                                                   a.n_heads, a.n_kv_heads, pos.rope, pos.mask, caches, pos.start, pos.rows)
     return out[:, :, 0].transpose(0, 1)

@@ -313,6 +313,25 @@ class KernelKVCache(KVCache):
                                                  pos.start if at else 0, pos.rows)
 
 
+def block_parts(block: TransformerBlock) -> tuple:
+    """A block's attention, feed-forward and two norms, read from its module dict: nn.Module.__getattr__
+    costs ~0.5 us a lookup, and eager decode steps read these parts hundreds of times a step."""
+    m = block._modules
+    return m["attention"], m["feed_forward"], m["attention_norm"], m["ffn_norm"]
+
+
+def block_operands(attention: nn.Module, feed_forward: nn.Module, attention_norm: RMSNorm, ffn_norm: RMSNorm
+                   ) -> tuple[list[torch.Tensor | None], list[int], list[torch.Tensor]]:
+    """What the `block` and `head_group` kernels take of a block with fused products (`block_parts`):
+    the packed copies of its q/k/v, wo, gate/up and w2 products (None where one is not a PackedLinear),
+    their output sizes, and its two norms' weights; read from the modules' dicts, as block_parts."""
+    products = (attention.__dict__["wqkv"], attention._modules["wo"], feed_forward.__dict__["w13"],
+                feed_forward._modules["w2"])
+    packed = [p.refresh(p._parameters["weight"]) if type(p) is PackedLinear else None for p in products]
+    return (packed, [p._parameters["weight"].shape[0] for p in products],
+            [attention_norm._parameters["weight"], ffn_norm._parameters["weight"]])
+
+
 class KernelBlock(TransformerBlock):
     """TransformerBlock whose eager bf16 inference forward over all its tokens is one kernel call
     (`block`) where the decode steps' kernels run every part of it: fused q/k/v and gate/up products
@@ -327,8 +346,7 @@ class KernelBlock(TransformerBlock):
             return super().forward(x, pos, query_index)
         # Submodules, parameters and buffers are read from their dicts: each nn.Module.__getattr__ costs
         # ~0.5 us, and this call made ~40 (eager batch-1 decoding of the shipped model: ~10% of its time).
-        modules = self._modules
-        a, f, norm1, norm2 = modules["attention"], modules["feed_forward"], modules["attention_norm"], modules["ffn_norm"]
+        a, f, norm1, norm2 = block_parts(self)
         # The fused products are instance attributes, not submodules (steps._fuse).
         wqkv, w13, cache = a.__dict__.get("wqkv"), f.__dict__.get("w13"), a._modules.get("cache")
         if (wqkv is None or w13 is None or cache is None or a.sdpa is not attention or a.rotate is not rotate
@@ -336,17 +354,16 @@ class KernelBlock(TransformerBlock):
                 or x.dim() != 3 or x.shape[0] * x.shape[1] > PACKED_MAX_ROWS or x.shape[1] > ATTENTION_MAX_QUERIES
                 or a.head_dim % BLOCK or a.head_dim > 256):
             return super().forward(x, pos, query_index)
-        products = (wqkv, a._modules["wo"], w13, f._modules["w2"])
-        packed = [p.refresh(p._parameters["weight"]) if type(p) is PackedLinear else None for p in products]
-        w1, w2, cache_k = norm1._parameters["weight"], norm2._parameters["weight"], cache._buffers["k"]
+        packed, out_features, norms = block_operands(a, f, norm1, norm2)
+        cache_k = cache._buffers["k"]
         # (`None in packed` would compare None with each tensor: ~10 us apiece.)
-        if any(p is None for p in packed) or w1.dtype != x.dtype or w2.dtype != x.dtype or cache_k.dtype != x.dtype:
+        if any(p is None for p in packed) or any(w.dtype != x.dtype for w in norms) or cache_k.dtype != x.dtype:
             return super().forward(x, pos, query_index)
         at = isinstance(pos.start, int)
         return torch.ops.multitoken.block.default(
-            x, packed, [p._parameters["weight"].shape[0] for p in products], [w1, w2], norm1.eps, a.n_heads,
-            a.n_kv_heads, pos.rope, pos.mask, cache_k, cache._buffers["v"], None if at else pos.start,
-            pos.start if at else 0, pos.rows, pos.start + x.shape[1] if at else pos.mask.shape[-1])
+            x, packed, out_features, norms, norm1.eps, a.n_heads, a.n_kv_heads, pos.rope, pos.mask, cache_k,
+            cache._buffers["v"], None if at else pos.start, pos.start if at else 0, pos.rows,
+            pos.start + x.shape[1] if at else pos.mask.shape[-1])
 
 
 _KERNEL_CLASSES = {RMSNorm: KernelRMSNorm, KVCache: KernelKVCache, TransformerBlock: KernelBlock}

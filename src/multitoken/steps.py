@@ -512,8 +512,11 @@ class DecodeSteps:
         """Tokens (batch, seq) at positions start[b] .. start[b] + seq - 1 of each row: the trunk output
         (batch, seq, dim) and the next-token head's float32 logits (batch, seq, vocab). Compiled, the
         step attends the cache's first `span` slots (`span(end)`; default: all of them)."""
+        return self._verify(tokens, self._positions(start, tokens.shape[0], tokens.shape[1], span))
+
+    def _verify(self, tokens: torch.Tensor, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` at given positions."""
         m = self.model
-        pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)
         h = m.forward_trunk(tokens, pos)
         return h, m.logits(m.forward_head(0, h, pos))
 
@@ -531,12 +534,11 @@ class DecodeSteps:
         emits the first n_acc + 1 (accepted drafts equal the head's tokens); n_acc (batch,), the
         drafts the head agrees with before its first disagreement; and k new drafts (batch, k) from the
         extra heads at the last accepted position."""
-        m = self.model
         pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)  # once for the step and the drafts
-        h = m.forward_trunk(tokens, pos)
-        target = greedy_tokens(m.logits(m.forward_head(0, h, pos)))
+        h, logits = self._verify(tokens, pos)
+        target = greedy_tokens(logits)
         n_acc = leading_true(target[:, :-1] == tokens[:, 1:])
-        return target, n_acc, greedy_tokens(draft_logits(m, h, pos, n_acc, k, grouped=self.group_heads))
+        return target, n_acc, greedy_tokens(draft_logits(self.model, h, pos, n_acc, k, grouped=self.group_heads))
 
 
 def leading_true(ok: torch.Tensor) -> torch.Tensor:
