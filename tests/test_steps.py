@@ -386,6 +386,25 @@ def test_masked_flex_attention_is_scaled_dot_product(monkeypatch):
                                scaled_dot_product(q_prompt, k_prompt, k_prompt, None))
 
 
+def test_materialized_is_a_contiguous_copy_that_inductor_keeps_as_a_buffer():
+    """The mask FlexAttention reads goes through `materialized`: a contiguous copy eagerly and compiled,
+    its own kernel call in inductor's code (so the mask's computation is not inlined into the attention
+    kernel, which broke its compile on a GPU)."""
+    from torch._inductor.utils import run_and_get_code
+
+    at = torch.tensor([3, 7])
+    mask = (torch.arange(10) <= at[:, None]).unsqueeze(1).expand(2, 3, 10)
+    copy = steps_mod.materialized(mask)
+    assert copy.is_contiguous() and torch.equal(copy, mask) and copy.data_ptr() != mask.data_ptr()
+
+    def fn(at):
+        return steps_mod.materialized(torch.arange(10) <= at[:, None]) | False
+
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), at)
+    assert torch.equal(out, fn(at))
+    assert "multitoken.materialized" in "".join(code)
+
+
 def test_flex_attention_decodes_plain_self_speculative_and_tree_steps_as_sdpa_does(monkeypatch):
     """FlexAttention in decode steps, its math run eagerly (is_compiling patched; `flex=True` compiles it
     for GPUs, and inductor's CPU template does not take cache views): the steps' masks (ragged rows,

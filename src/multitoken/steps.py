@@ -95,20 +95,35 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return out.reshape(bsz, n_heads, 1, head_dim).to(v.dtype)
 
 
+@torch.library.custom_op("multitoken::materialized", mutates_args=())
+def materialized(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of x, made by a kernel of its own under torch.compile: inductor cannot inline
+    the computation of a custom op's output into the kernels that read it."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@materialized.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def masked_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`model.scaled_dot_product` as FlexAttention, for compiled steps (`DecodeSteps(flex=True)`). For the
-    few queries of a decode step its decoding kernel splits the cache among thread blocks, where SDPA's
-    kernels tile for many queries: on an H200, cuDNN's took 18 us per block for 1 query over 321 slots
-    and 38 us for 4, 13% of a 7B plain step and 21% of a self-speculative one, for 5 MB of keys and
-    values (~1.3 us of bandwidth). A score_mod reads the mask, so any pattern works (ragged rows, tree
-    masks). Eagerly, or without a mask (causal): scaled_dot_product."""
+    """`model.scaled_dot_product` as FlexAttention, for compiled steps (`DecodeSteps(flex=True)`): an
+    alternative to SDPA's kernels for the few queries of a decode step, whose attention is 13% of a 7B
+    plain step on an H200 and half of what a self-speculative step adds to it. A score_mod reads the
+    mask, so any pattern works (ragged rows, tree masks). Measured there (torch 2.11, docs/benchmarks.md)
+    it does not pay: 22 us per block for 1 query against cuDNN's 10, no faster for 4, 588 us for 65 (a
+    draft tree) against 14. Eagerly, or without a mask (causal): scaled_dot_product."""
     if mask is None or not torch.compiler.is_compiling():
         return scaled_dot_product(q, k, v, mask)
+    bsz, n_heads, n_q, _ = q.shape
     # Imported here: the module pulls in the compiler, which eager decoding never needs.
     from torch.nn.attention.flex_attention import flex_attention
 
-    bsz, n_heads, n_q, _ = q.shape
-    mask = mask.expand(bsz, 1, n_q, k.shape[2])
+    # Read from a buffer of its own: inductor would otherwise inline the mask's computation (positions
+    # compared with slots) into the attention kernel, which fails to compile on a GPU (torch 2.11:
+    # "NameError: XBLOCK is not defined").
+    mask = materialized(mask).expand(bsz, 1, n_q, k.shape[2])
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(mask[b, 0, q_idx, kv_idx], score, -float("inf"))
@@ -327,7 +342,7 @@ class DecodeSteps:
     as one (`fuse_projections`; default: on, eager too: 8-12% off an eager bf16 step of the shipped
     model; fuse=False separates them again, `unfuse_projections`); `single_query` makes compiled attention of one query per row multiplies and sums
     (`single_query_attention`; default: compiled on a CPU); `flex` makes compiled attention FlexAttention
-    (`masked_flex_attention`; default off: for GPUs, `benchmarks/bench_gpu.py --attention flex sdpa` measures it);
+    (`masked_flex_attention`; default off: slower than SDPA's kernels on an H200, `benchmarks/bench_gpu.py --attention flex sdpa`);
     `dynamic_span` compiles one graph for every span short of the whole cache, with spans of the
     written slots rounded up to WINDOW, instead of one per power of two (default: compiled on a CPU).
     `cpu_kernels` runs bf16 products and attention in `multitoken.kernels` (default: bf16 on a CPU where
