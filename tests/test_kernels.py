@@ -250,6 +250,30 @@ def test_rotation_kernel_is_apply_rope_bit_for_bit(x_shape, rows_shape):
     assert torch.equal(kernels.rotate(x.float(), rope), apply_rope(x.float(), rope))  # float32: apply_rope itself
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, any NaN matching any NaN."""
+    nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    return bool(((a.view(torch.int16) == b.view(torch.int16)) | nan).all())
+
+
+@needs_kernel
+def test_silu_mul_and_add_kernels_are_atens_for_every_bf16_value():
+    """The block kernel's feed-forward activation and residual adds give eager ATen's bits for every
+    bf16 gate value (denormals included, which the CPU's own bf16 conversion flushes to zero)."""
+    torch.manual_seed(0)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate = every.view(-1, 32)  # hidden 32
+    for scale in (1.0, 1e3):
+        up = (torch.randn(gate.shape) * scale).to(torch.bfloat16)
+        with torch.inference_mode():
+            out = torch.ops.multitoken.silu_mul(torch.cat([gate, up], -1).view(64, 32, 64))
+            assert _same_bits(out.view(-1, 32), F.silu(gate) * up)
+            other = every[torch.randperm(every.numel())].view(-1, 32)
+            assert _same_bits(torch.ops.multitoken.add_bf16(gate, other), gate + other)
+    with pytest.raises(RuntimeError, match="hidden a multiple of 16"):
+        torch.ops.multitoken.silu_mul(torch.zeros(2, 40, dtype=torch.bfloat16))
+
+
 @needs_kernel
 def test_norm_kernel_is_rmsnorm_row_by_row():
     torch.manual_seed(0)

@@ -336,9 +336,9 @@ class KernelBlock(TransformerBlock):
     """TransformerBlock whose eager bf16 inference forward over all its tokens is one kernel call
     (`block`) where the decode steps' kernels run every part of it: fused q/k/v and gate/up products
     (`steps.fuse_projections`), all four packed, kernel norms, rotations and attention, a bf16 cache,
-    at most PACKED_MAX_ROWS tokens. The same operations in the same order, ATen's for the residual adds
-    and the SiLU, called from C++ instead of ~30 calls from Python: the same numbers bit for bit, in
-    half the time at batch 1 here (~60 us a block instead of ~125). Otherwise (a query_index,
+    at most PACKED_MAX_ROWS tokens. The same operations in the same order, the residual adds and the
+    SiLU rounded as ATen's, called from C++ instead of ~30 calls from Python: the same numbers bit for
+    bit, in half the time at batch 1 here (~60 us a block instead of ~125). Otherwise (a query_index,
     gradients, compiling, other modules), TransformerBlock's forward."""
 
     def forward(self, x: torch.Tensor, pos: Positions, query_index: torch.Tensor | None = None) -> torch.Tensor:

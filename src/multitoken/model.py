@@ -336,13 +336,14 @@ class Transformer(nn.Module):
                 max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device
             )
 
-    def copy_cache_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def copy_cache_rows(self, src: torch.Tensor, dst: torch.Tensor, end: int | None = None) -> None:
         """Copy the KV cache rows `src` to rows `dst` in every block (a server keeps its running
-        requests in rows 0 .. n - 1 so that each step attends to no idle row)."""
+        requests in rows 0 .. n - 1 so that each step attends to no idle row); with `end`, only their
+        slots 0 .. end - 1 (the rest of a row is rewritten before it is read)."""
         for block in [*self.layers, *self.extra_heads]:
             cache = block.attention.cache
-            cache.k[dst] = cache.k[src]
-            cache.v[dst] = cache.v[src]
+            cache.k[dst, :, :end] = cache.k[src, :, :end]
+            cache.v[dst, :, :end] = cache.v[src, :, :end]
 
     def free_caches(self) -> None:
         for block in [*self.layers, *self.extra_heads]:

@@ -193,19 +193,26 @@ class Outputs:
             self._running = (rows, torch.tensor([r is not None for r in rows]).to(device, non_blocking=True))
         return self._running
 
-    def shrink(self, batch_size: Callable[[int], int | None]) -> torch.Tensor | None:
+    def shrink(self, batch_size: Callable[[int], int | None], in_flight: Sequence[QueuedStep] = ()
+               ) -> torch.Tensor | None:
         """Retire finished rows when the rows still running fit a smaller batch (`batch_size(n)` slots
         for n rows; None: keep the batch): a batch otherwise runs at full size until its slowest row
         ends, and on a CPU a step's cost grows with its rows. Moves the running rows' KV caches to the
         first slots and returns, for each new slot, the old slot whose per-row state it takes (the
         caller gathers its tensors with it; slots past the running rows repeat one and ride along);
-        None if the batch stays."""
+        None if the batch stays. `in_flight`: the steps queued and not read yet."""
         live = [s for s, r in enumerate(self.slots) if r is not None and not self.done[r]]
         size = batch_size(len(live)) if live else None
         if size is None or size >= len(self.slots):
             return None
         device = self.model.tok_embeddings.weight.device
-        self.model.copy_cache_rows(torch.tensor(live, device=device), torch.arange(len(live), device=device))
+        # Only the rows that move, and only the slots written so far (queued steps included): a batch of
+        # 16 copied whole caches of 512 slots each time a row finished, 17% of its decoding time.
+        moved = [(s, d) for d, s in enumerate(live) if s != d]
+        if moved:
+            src, dst = zip(*moved)
+            self.model.copy_cache_rows(torch.tensor(src, device=device), torch.tensor(dst, device=device),
+                                       end=self.furthest(in_flight))
         self.slots = [self.slots[s] for s in live] + [None] * (size - len(live))
         return torch.tensor(live + live[:1] * (size - len(live)), device=device)
 
@@ -412,7 +419,7 @@ def generate(
     # own, compiled in the middle of decoding (a benchmark at batch 16 spent most of its time compiling).
     batch_size = (lambda n: None) if auto and steps.compiled else steps.batch_size
     while not all(outputs.done):
-        keep = outputs.shrink(batch_size)
+        keep = outputs.shrink(batch_size, in_flight)
         if keep is not None:  # finished rows left the batch
             x0, drafts, cur, rows, slot_rows = x0[keep], drafts[keep], cur[keep], rows[: len(keep)], slot_rows[keep]
             q = None if q is None else q[keep]

@@ -398,7 +398,7 @@ def generate(
         outputs.add_step(step.rows, tokens_list, n_acc_list, depth_list, lp[0] if logprobs else None)
 
     while not all(outputs.done):
-        keep = outputs.shrink(steps.batch_size if steps is not None else lambda n: n)  # without steps: eager
+        keep = outputs.shrink(steps.batch_size if steps is not None else lambda n: n, in_flight)  # without steps: eager
         if keep is not None:  # finished rows left the batch
             x0, cur, rows = x0[keep], cur[keep], rows[: len(keep)]
             t = Tree(t.parent[keep], t.depth[keep], t.rank[keep], t.tokens[keep])

@@ -16,7 +16,6 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
-#include <ATen/ops/silu.h>
 #include <torch/library.h>
 #include <cpuid.h>
 #include <immintrin.h>
@@ -30,6 +29,10 @@
 #include <cstdlib>
 #include <string>
 #include <vector>
+
+// ATen's own exp of 16 floats (SLEEF, exported by libtorch_cpu): what its vectorised SiLU calls, so that
+// silu_mul gives ATen's numbers bit for bit.
+extern "C" __m512 Sleef_expf16_u10(__m512);
 
 namespace {
 
@@ -581,6 +584,63 @@ inline __m512 round_bf16(__m512 v) {
 // multiply-add: these kernels give what eager ATen's separate operations give.
 constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
+// float32 -> bf16, rounding to nearest even as ATen does, denormals included (vcvtneps2bf16 flushes them
+// to zero): the rounding bias added to the bits, NaNs kept NaN.
+inline __m256i to_bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(_mm512_set1_epi32(0x7FC0), _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), rounded);
+  return _mm512_cvtepi32_epi16(rounded);
+}
+inline __m512 exact_round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+
+// at::silu(gate) * up for x (..., 2 * hidden) holding gate then up (the fused gate/up product's output),
+// bf16, in one pass instead of two operator calls and a temporary: ATen's float32 formula x / (1 + exp(-x))
+// with its exp, rounded to bf16, then the product rounded again, as the two calls round: ATen's numbers
+// bit for bit (NaNs aside). hidden must be a multiple of 16.
+at::Tensor silu_mul(const at::Tensor& x) {
+  const int64_t hidden = x.size(-1) / 2;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.size(-1) == 2 * hidden && hidden % kBlock == 0,
+              "silu_mul: x must be bfloat16 (..., 2 * hidden) with hidden a multiple of 16");
+  const at::Tensor x2 = x.reshape({-1, 2 * hidden}).contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = hidden;
+  at::Tensor out = at::empty(shape, x.options());
+  const auto* x0 = x2.const_data_ptr<at::BFloat16>();
+  auto* y = out.mutable_data_ptr<at::BFloat16>();
+  const int64_t rows = x2.size(0), vectors = hidden / kBlock;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  // Two threads pay from about 8 rows of the shipped model's 768: exp is the cost.
+  at::parallel_for(0, rows * vectors, 512, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / vectors, c = i % vectors * kBlock;
+      const __m512 g = load_bf16(x0 + r * 2 * hidden + c);
+      const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN))));
+      const __m512 act = exact_round_bf16(_mm512_div_round_ps(g, _mm512_add_round_ps(one, e, kNearest), kNearest));
+      _mm256_storeu_si256((__m256i*)(y + r * hidden + c),
+                          to_bf16_bits(_mm512_mul_round_ps(act, load_bf16(x0 + r * 2 * hidden + hidden + c), kNearest)));
+    }
+  });
+  return out;
+}
+
+// a + b for bf16 tensors of one shape (a residual add): float32 sums rounded to bf16, as ATen's add; one
+// pass, no dispatch. The last dimension must be a multiple of 16.
+at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+              a.size(-1) % kBlock == 0, "add_bf16: a and b must be bfloat16 of one shape, the last dimension a multiple of 16");
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out = at::empty(a.sizes(), a.options());
+  const auto *pa = ac.const_data_ptr<at::BFloat16>(), *pb = bc.const_data_ptr<at::BFloat16>();
+  auto* y = out.mutable_data_ptr<at::BFloat16>();
+  for (int64_t i = 0, n = a.numel(); i < n; i += kBlock)
+    _mm256_storeu_si256((__m256i*)(y + i), to_bf16_bits(_mm512_add_round_ps(load_bf16(pa + i), load_bf16(pb + i), kNearest)));
+  return out;
+}
+
 // RMSNorm of bf16 rows as model.RMSNorm computes it, in one call instead of eight: float32 x times
 // rsqrt(mean(x^2) + eps), rounded to bf16, times the weight, rounded again. Every weight of `weights`
 // (G of (dim,)) on x (..., dim), out (G, ..., dim); or with per_group, weights[g] on x[g] of x (G, ..., dim),
@@ -709,8 +769,8 @@ at::Tensor cached_span(const at::Tensor& cache, const std::optional<at::Tensor>&
 
 // A transformer block's forward over every token of x (batch, seq, dim), bf16, as an eager decode step
 // computes it with the kernels above (multitoken.kernels.KernelBlock): the same operations in the same
-// order, ATen's for the residual adds and the SiLU, called here instead of ~30 calls from Python, so
-// the same numbers bit for bit. packed: the fused q/k/v, output, fused gate/up and down products'
+// order, the residual adds and the SiLU rounded as ATen's (add_bf16, silu_mul), called here instead of
+// ~30 calls from Python, so the same numbers bit for bit. packed: the fused q/k/v, output, fused gate/up and down products'
 // packed weights, out_features their outputs; norms: the attention and feed-forward norms' weights;
 // rope_rows, mask, slots (or start) and rows: the tokens' rotary rows, attention mask, cache slots and
 // cache rows, as model.Positions holds them; end: the cache slots the queries may see.
@@ -734,10 +794,9 @@ at::Tensor block(const at::Tensor& x, at::TensorList packed, at::IntArrayRef out
   const at::Tensor keys = cached_span(cache_k, rows, bsz, end), values = cached_span(cache_v, rows, bsz, end);
   const at::Tensor q = rope(parts[0].view({bsz, seq, n_heads, head_dim}), rope_rows).transpose(1, 2);
   const at::Tensor out = few_query_attention(q, keys, values, mask);
-  const at::Tensor h = x + packed_linear(out.transpose(1, 2).reshape({bsz, seq, -1}), packed[1], out_features[1]);
-  const std::vector<at::Tensor> gate_up =
-      packed_linear(rms_norm(h, norms.slice(1, 1), eps, false)[0], packed[2], out_features[2]).chunk(2, -1);
-  return h + packed_linear(at::silu(gate_up[0]) * gate_up[1], packed[3], out_features[3]);
+  const at::Tensor h = add_bf16(x, packed_linear(out.transpose(1, 2).reshape({bsz, seq, -1}), packed[1], out_features[1]));
+  const at::Tensor gate_up = packed_linear(rms_norm(h, norms.slice(1, 1), eps, false)[0], packed[2], out_features[2]);
+  return add_bf16(h, packed_linear(silu_mul(gate_up), packed[3], out_features[3]));
 }
 
 // G extra heads' blocks on the same trunk output h (batch, seq, dim), bf16, as multitoken.grouped_heads
@@ -787,10 +846,11 @@ at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorLi
   const at::Tensor q = rope(q_one.view({groups, bsz, 1, n_heads, head_dim}), rope_one).transpose(2, 3);
   const at::Tensor out = few_query_attention_group(q, keys, values, mask_one);
   const at::Tensor h_one = h.reshape({bsz * seq, dim}).index_select(0, chosen).unsqueeze(1);
-  const at::Tensor hh = h_one + packed_linear_group(out.transpose(2, 3).reshape({groups, bsz, 1, -1}), each_head(packed, 4, 1), out_features[1]);
-  const std::vector<at::Tensor> gate_up =
-      packed_linear_group(rms_norm(hh, each_head(norms, 2, 1), eps, true), each_head(packed, 4, 2), out_features[2]).chunk(2, -1);
-  return hh + packed_linear_group(at::silu(gate_up[0]) * gate_up[1], each_head(packed, 4, 3), out_features[3]);
+  const at::Tensor hh = add_bf16(h_one.expand({groups, bsz, 1, dim}),
+                                 packed_linear_group(out.transpose(2, 3).reshape({groups, bsz, 1, -1}), each_head(packed, 4, 1), out_features[1]));
+  const at::Tensor gate_up =
+      packed_linear_group(rms_norm(hh, each_head(norms, 2, 1), eps, true), each_head(packed, 4, 2), out_features[2]);
+  return add_bf16(hh, packed_linear_group(silu_mul(gate_up), each_head(packed, 4, 3), out_features[3]));
 }
 
 }  // namespace
@@ -802,6 +862,8 @@ TORCH_LIBRARY(multitoken, m) {
   m.def("few_query_attention_group(Tensor q, Tensor[] k, Tensor[] v, Tensor? mask) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor[] weights, float eps, bool per_group) -> Tensor");
   m.def("rope(Tensor x, Tensor table) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("add_bf16(Tensor a, Tensor b) -> Tensor");
   m.def("cache_write(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor? slots, int start, Tensor? rows) -> ()");
   m.def("block(Tensor x, Tensor[] packed, int[] out_features, Tensor[] norms, float eps, int n_heads, int n_kv_heads, "
         "Tensor rope_rows, Tensor? mask, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor? slots, int start, Tensor? rows, "
@@ -817,6 +879,8 @@ TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("few_query_attention_group", few_query_attention_group);
   m.impl("rms_norm", rms_norm);
   m.impl("rope", rope);
+  m.impl("silu_mul", silu_mul);
+  m.impl("add_bf16", add_bf16);
   m.impl("cache_write", cache_write);
   m.impl("block", block);
   m.impl("head_group", head_group);
