@@ -155,13 +155,14 @@ def test_a_querys_attention_does_not_depend_on_the_queries_beside_it():
 
 
 @needs_kernel
-def test_a_tree_nodes_logits_are_a_1_token_steps_bit_for_bit():
+@pytest.mark.parametrize("dim", [64, 128])  # head_dim 16, and 32: attention scores on AMX tiles where the CPU has them
+def test_a_tree_nodes_logits_are_a_1_token_steps_bit_for_bit(dim):
     # A draft tree's node sees the prompt and its ancestors, whose slots have other nodes between them; a
     # 1-token step sees the same keys in consecutive slots. Its logits must be the same bit for bit (the
     # attention kernel's part of it: test_a_querys_attention_does_not_depend_on_the_slots_of_the_keys_it_sees).
     from multitoken.tree import Tree, tree_positions
 
-    model = random_model(tiny_args(n_future_tokens=2, dim=64, n_heads=4, n_kv_heads=2), dtype=torch.bfloat16, std=0.3)
+    model = random_model(tiny_args(n_future_tokens=2, dim=dim, n_heads=4, n_kv_heads=2), dtype=torch.bfloat16, std=0.3)
     model.setup_caches(1, 256)
     DecodeSteps(model)
     torch.manual_seed(0)
@@ -213,12 +214,12 @@ def test_attention_is_scaled_dot_product_elsewhere():
 
 
 @needs_kernel
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_bf16_self_speculation_gives_plain_decodings_tokens(compiled):
+@pytest.mark.parametrize("compiled, dim", [(False, 64), (False, 128), pytest.param(True, 64, marks=pytest.mark.slow)])
+def test_bf16_self_speculation_gives_plain_decodings_tokens(compiled, dim):
     # Every product and attention of a verify step computes each token as a 1-token step does, so in
     # bf16 too the chain and the tree emit exactly plain greedy decoding's tokens (ATen's bf16 kernels
     # round multi-token steps differently, and decodings part at near-ties).
-    model = random_model(tiny_args(n_future_tokens=4, dim=64, n_heads=4, n_kv_heads=2), dtype=torch.bfloat16, std=0.3)
+    model = random_model(tiny_args(n_future_tokens=4, dim=dim, n_heads=4, n_kv_heads=2), dtype=torch.bfloat16, std=0.3)
     model.setup_caches(3, 128)
     llama = Llama(model, IdTokenizer())
     if compiled:

@@ -134,6 +134,7 @@ bool amx_available() { return false; }
 void configure_tiles(int64_t) {}
 void amx_tile_rows(const at::BFloat16*, int64_t, int64_t, const __m512i*, at::BFloat16*, int64_t, int64_t) {}
 void release_tiles() {}
+void amx_scores(const __m512i*, int64_t, int64_t, const at::BFloat16*, int64_t, int64_t, float*, int64_t, int64_t&) {}
 #else
 bool amx_available() {
   static const bool ok = [] {
@@ -208,6 +209,90 @@ void amx_tile_rows(const at::BFloat16* x, int64_t inputs, int64_t rows, const __
 }
 
 void release_tiles() { _tile_release(); }
+
+// r[i] lane j becomes r[j] lane i: a 16 x 16 transpose of 32-bit values (two bf16 each), in 64 shuffles.
+__attribute__((always_inline)) inline void transpose16x16(__m512i* r) {
+  __m512i u[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512i t0 = _mm512_unpacklo_epi32(r[4 * g], r[4 * g + 1]), t1 = _mm512_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]), t3 = _mm512_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
+    // u[4 g + c]: 128-bit block L holds column 4 L + c of rows 4 g .. 4 g + 3.
+    u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+  }
+  for (int c = 0; c < 4; ++c) {  // the 4 x 4 transpose of 128-bit blocks
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// Tiles for attention scores: 0 16 keys' 32 dimensions, 1 up to 16 queries' 32 dimensions as pairs (the
+// transposed queries), 2 the 16 keys' scores for those queries.
+void configure_score_tiles(int64_t queries) {
+  TileConfig config;
+  for (int t = 0; t < 3; ++t) {
+    config.colsb[t] = t == 0 ? 64 : (uint16_t)(queries * 4);
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+// Every query's dot products with every key on AMX tiles: q (queries x chunks vectors of 32 bf16, zeros past
+// head_dim), k (keys rows k_stride apart, head_dim = 32 chunks), scores[j * ld + s] for query j, key s (16
+// keys a tile; scores past the last key are zeros). The keys are the tile product's rows as the cache holds
+// them; the queries, transposed once, its columns. A score is one tile product's sum over the dimensions,
+// whatever the other queries and keys: a token's scores are the same in any step. `configured`: the query
+// count the thread's tiles are set for (0: none yet).
+void amx_scores(const __m512i* q, int64_t chunks, int64_t queries, const at::BFloat16* k, int64_t k_stride, int64_t keys,
+                float* scores, int64_t ld, int64_t& configured) {
+  alignas(64) __m512i qt[8][16];  // per chunk: 16 pairs of dimensions x up to 16 queries
+  alignas(64) __m512i last[8][16];  // a last block of fewer than 16 keys, zero-padded (never read past the keys)
+  alignas(64) float block[16][16];  // a tile's scores: 16 keys x the queries
+  for (int64_t j0 = 0; j0 < queries; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, queries - j0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i* r = qt[c];
+      for (int64_t i = 0; i < 16; ++i) r[i] = i < nj ? q[(j0 + i) * chunks + c] : _mm512_setzero_si512();
+      transpose16x16(r);
+    }
+    if (nj != configured) configure_score_tiles(configured = nj);
+    for (int64_t s0 = 0; s0 < keys; s0 += 16) {
+      const int64_t n = std::min<int64_t>(16, keys - s0);
+      const at::BFloat16* rows = k + s0 * k_stride;
+      int64_t stride = k_stride * 2;
+      if (n < 16) {
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t i = 0; i < 16; ++i)
+            last[c][i] = i < n ? _mm512_loadu_si512(k + (s0 + i) * k_stride + 32 * c) : _mm512_setzero_si512();
+      }
+      _tile_zero(2);
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (n < 16) _tile_loadd(0, last[c], 64);
+        else _tile_loadd(0, rows + 32 * c, stride);
+        _tile_loadd(1, qt[c], 64);
+        _tile_dpbf16ps(2, 0, 1);
+      }
+      _tile_stored(2, block, 64);
+      // Each query's 16 scores: a column of the tile's.
+      __m512i* cols = reinterpret_cast<__m512i*>(block);
+      if (nj > 4) {
+        transpose16x16(cols);
+        for (int64_t j = 0; j < nj; ++j) _mm512_storeu_si512(scores + (j0 + j) * ld + s0, cols[j]);
+      } else {
+        const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(16));
+        for (int64_t j = 0; j < nj; ++j)
+          _mm512_storeu_ps(scores + (j0 + j) * ld + s0, _mm512_i32gather_ps(_mm512_add_epi32(index, _mm512_set1_epi32((int)j)), &block[0][0], 4));
+      }
+    }
+  }
+}
 #endif  // MULTITOKEN_NO_AMX
 
 // y[g] (rows, n) = x[g] (rows, k) @ W[g].T for each of the G weights, packed by pack_weight (each
@@ -451,7 +536,11 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
   const int64_t ms0 = m.stride(0), ms2 = m.stride(2), ms3 = m.stride(3);
   // A thread per (layer, row, kv head) where there is enough of them: a short span's few queries run faster alone.
   const int64_t work = queries * keys * dim, grain = std::max<int64_t>(1, (int64_t)(1 << 13) / std::max<int64_t>(1, work));
+  // Scores on AMX tiles where the CPU has them and head_dim is whole tile rows: for the 8 queries of a
+  // verify step per kv head, ~4x fewer instructions than a dot product per query and key.
+  const bool amx_qk = dim % 32 == 0 && amx_available();
   at::parallel_for(0, (int64_t)sets.size() * batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
+    int64_t configured = 0;  // the AMX tiles' query count in this thread (0: not set)
     // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
     // Each thread's buffers are kept between calls.
     thread_local std::vector<float> scores_buf, acc_buf, total_buf, visible_buf;
@@ -493,11 +582,13 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
           seen[t * blocks + kb0] = (__mmask16)bits;
         }
       }
+      if (amx_qk) amx_scores(qb, chunks, queries, kb, ks2, keys, scores, blocks * 16, configured);
       for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
         const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
         for (int64_t h = 0, j = 0; h < group; ++h)  // query j: head h of the group, token t
           for (int64_t t = 0; t < n_q; ++t, ++j) {
-            const __m512 dots = dot_block((const __m512bh*)&qb[j * chunks], kb + s0 * ks2, ks2, n, lanes);
+            const __m512 dots = amx_qk ? _mm512_loadu_ps(&scores[j * blocks * 16 + s0])
+                                       : dot_block((const __m512bh*)&qb[j * chunks], kb + s0 * ks2, ks2, n, lanes);
             const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[t * blocks + kb0],
                                                  _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
             _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
@@ -540,6 +631,7 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
           _mm256_storeu_si256((__m256i*)(oj + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&acc[j * dim + 16 * c]), inv)));
       }
     }
+    if (configured) release_tiles();
   });
 }
 
