@@ -1,14 +1,14 @@
 """`multitoken.kernels` against ATen, operator by operator, interleaved in one run.
 
     python benchmarks/bench_kernels.py --ckpt-dir CKPT [--rows 1 2 4 5 8 9 16 17 64] [--queries 1 4 9 17]
-        [--keys 144] [--rounds 12] [--threads 2] [--baseline-source OLD.cpp]
+        [--keys 144] [--batch 1] [--rounds 12] [--threads 2] [--baseline-source OLD.cpp]
 
 Products: every product a decode step runs (`steps.inference_products` of the model with fused
 projections, in bf16), called in a row for each row count, as the packed kernel and as ATen's
 F.linear; the time of all of them, the multiply-adds per second and the weight bytes per second.
 Attention: one block's attention over --keys cached keys (bf16, masked like a compiled step's) for
-each query count, as the kernel and as `model.scaled_dot_product`. Rounds alternate between the two
-ways; each figure is the fastest round (noise only adds time). The kernels need x86-64 Linux with
+each query count and --batch rows, as the kernel and as `model.scaled_dot_product`. Rounds alternate
+between the two ways; each figure is the fastest round (noise only adds time). The kernels need x86-64 Linux with
 AVX-512 BF16 (`kernels.available()`).
 
 --baseline-source also builds another version of `csrc/packed_linear.cpp` (e.g. `git show
@@ -76,6 +76,7 @@ def main() -> None:
                    help="rows (tokens x batch) per product")
     p.add_argument("--queries", type=int, nargs="+", default=[1, 4, 9, 17], help="queries per row for attention")
     p.add_argument("--keys", type=int, default=144, help="cached keys each query may see")
+    p.add_argument("--batch", type=int, default=1, help="rows of the attention calls (each its own keys)")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--baseline-source", type=Path, default=None,
@@ -123,13 +124,13 @@ def main() -> None:
 
         args = model.args
         print(f"\nattention of one block: {args.n_heads} heads, {args.n_kv_heads} kv heads, head_dim {args.head_dim}, "
-              f"{a.keys} keys")
+              f"{a.keys} keys, batch {a.batch}")
         extra = f" {'baseline us':>12} {'baseline / kernel':>18}" if baseline else ""
         print(f"{'queries':>7} {'kernel us':>10} {'aten us':>9} {'aten / kernel':>14}{extra}")
         for n_q in a.queries:
             keys = a.keys + n_q
-            q = torch.randn(1, args.n_heads, n_q, args.head_dim, dtype=torch.bfloat16)
-            k, v = (torch.randn(1, args.n_kv_heads, keys, args.head_dim, dtype=torch.bfloat16) for _ in range(2))
+            q = torch.randn(a.batch, args.n_heads, n_q, args.head_dim, dtype=torch.bfloat16)
+            k, v = (torch.randn(a.batch, args.n_kv_heads, keys, args.head_dim, dtype=torch.bfloat16) for _ in range(2))
             # As a compiled step masks: the cache before the new tokens, then causal among them.
             mask = torch.ones(1, 1, n_q, keys, dtype=torch.bool).tril(keys - n_q)
             # The operator itself, as the baseline's is called (kernels.attention's checks cost ~1.5 us a call).

@@ -120,7 +120,7 @@ def test_bench_kernels_times_the_kernels_beside_aten_and_a_baseline_build(tiny_c
         pytest.skip("multitoken.kernels do not run on this host")
     # The current source as its own baseline: built under other operator names, the same outputs.
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--ckpt-dir", str(tiny_ckpt),
-           "--rows", "1", "3", "--queries", "1", "2", "--rounds", "1", "--baseline-source", str(kernels.SOURCE)]
+           "--rows", "1", "3", "--queries", "1", "2", "--batch", "2", "--rounds", "1", "--baseline-source", str(kernels.SOURCE)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["1"], ["3"], ["2"])]

@@ -94,6 +94,24 @@ def test_caches_take_the_model_dtype_and_rope_stays_float32():
     assert model.rope.dtype == torch.float32
 
 
+def test_copy_cache_rows_copies_every_block_up_to_end_and_nothing_else():
+    model = random_model()
+    model.setup_caches(3, 16)
+    blocks = [*model.layers, *model.extra_heads]
+    for block in blocks:
+        block.attention.cache.k.normal_()
+        block.attention.cache.v.normal_()
+    before = [(b.attention.cache.k.clone(), b.attention.cache.v.clone()) for b in blocks]
+    model.copy_cache_rows(torch.tensor([2]), torch.tensor([0]), end=5)
+    for block, (k, v) in zip(blocks, before):
+        cache = block.attention.cache
+        assert torch.equal(cache.k[0, :, :5], k[2, :, :5]) and torch.equal(cache.v[0, :, :5], v[2, :, :5])
+        assert torch.equal(cache.k[0, :, 5:], k[0, :, 5:]) and torch.equal(cache.v[0, :, 5:], v[0, :, 5:])
+        assert torch.equal(cache.k[1:], k[1:]) and torch.equal(cache.v[1:], v[1:])
+    model.copy_cache_rows(torch.tensor([1]), torch.tensor([0]))  # without end: the whole row
+    assert all(torch.equal(b.attention.cache.k[0], k[1]) for b, (k, _) in zip(blocks, before))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_is_close_to_float32(dtype):
     model = random_model(std=0.02)
