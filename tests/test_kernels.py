@@ -468,3 +468,88 @@ def test_top_p_kernel_names_bad_arguments():
     with pytest.raises(RuntimeError, match=r"top_p must be float64 \(rows,\)"):
         torch.ops.multitoken.top_p(probs, torch.full((2,), 0.9, dtype=torch.float64))
     assert not kernels.top_p_runs(probs.requires_grad_())
+
+
+def _random_trees(seed: int, bsz: int, heads: int, ranks: int, budget: int):
+    """Draft logits' best candidates (log probabilities best first, their tokens), roots, and the dynamic
+    tree ATen's tree.best_tree makes of them."""
+    from multitoken.tree import best_tree
+
+    g = torch.Generator().manual_seed(seed)
+    logp, ids = torch.log_softmax(torch.randn(bsz, heads, 50, generator=g) * 2, -1).topk(ranks, dim=-1)
+    root = torch.randint(0, 50, (bsz,), generator=g)
+    return logp, ids, root, best_tree(logp, budget)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bsz, heads, ranks, budget", [(1, 3, 8, 8), (3, 3, 16, 16), (2, 1, 5, 5), (2, 2, 4, 40),
+                                                       (4, 3, 12, 12), (1, 3, 1, 1)])
+def test_tree_kernels_choose_and_place_atens_tree(monkeypatch, bsz, heads, ranks, budget):
+    from multitoken.tree import TreeDrafter, tree_positions
+
+    for seed in range(5):
+        logp, ids, root, t = _random_trees(seed, bsz, heads, ranks, budget)
+        tokens, parent, depth, rank = torch.ops.multitoken.best_tree(logp, ids, root, budget)
+        assert torch.equal(parent, t.parent) and torch.equal(depth, t.depth) and torch.equal(rank, t.rank)
+        expected_tokens = ids.flatten(1).gather(1, (t.depth - 1).clamp_min(0) * ranks + t.rank)
+        expected_tokens[:, 0] = root
+        assert torch.equal(tokens, expected_tokens)
+        # And so the drafter's tree, with the kernels and without.
+        drafter = TreeDrafter(budget, heads, 50)
+        logits = torch.randn(bsz, heads, 50)
+        fast, _ = drafter(logits, root, 0.0, 1.0)
+        model = random_model(tiny_args(max_seq_len=64))
+        model.setup_caches(bsz, 64)
+        start = torch.tensor([3, 17, 0, 9][:bsz])
+        fast_pos = tree_positions(model, t, start)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "tree_ops", lambda x: False)
+            slow, _ = drafter(logits, root, 0.0, 1.0)
+            slow_pos = tree_positions(model, t, start)
+        assert all(torch.equal(getattr(fast, f), getattr(slow, f)) for f in ("tokens", "parent", "depth", "rank"))
+        assert all(torch.equal(a, b) for a, b in zip(fast_pos[:3], slow_pos[:3]))
+
+
+@needs_kernel
+def test_tree_acceptance_kernel_is_atens(monkeypatch):
+    from multitoken.tree import Tree, accept_greedy_step
+
+    for seed in range(20):
+        logp, ids, root, t = _random_trees(seed, 4, 3, 6, 12)
+        t.tokens = ids.flatten(1).gather(1, (t.depth - 1).clamp_min(0) * 6 + t.rank)
+        # Targets that pass some random nodes: each node's argmax is one of its children's tokens, or none.
+        g = torch.Generator().manual_seed(seed)
+        target = torch.randint(50, 100, t.tokens.shape, generator=g)
+        for b in range(4):
+            for i in torch.randperm(t.size, generator=g)[: t.size // 2].tolist():
+                if i:
+                    target[b, t.parent[b, i]] = t.tokens[b, i]
+        fast = accept_greedy_step(t, target)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "tree_ops", lambda x: False)
+            slow = accept_greedy_step(t, target)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+        assert fast[1].max() > 0
+    with pytest.raises(RuntimeError, match="must come after its parent"):
+        accept_greedy_step(Tree(torch.tensor([[0, 2, 0]]), t.depth[:1, :3], t.rank[:1, :3], t.tokens[:1, :3]),
+                           target[:1, :3])
+
+
+@needs_kernel
+def test_cache_kernel_moves_what_kvcache_moves():
+    torch.manual_seed(0)
+    caches = [KVCache(3, 24, 2, 16, torch.bfloat16, "cpu") for _ in range(2)]
+    kernels.use_kernel_modules(caches[1:])
+    k, v = torch.randn(caches[0].k.shape), torch.randn(caches[0].v.shape)
+    for cache in caches:
+        cache.k.copy_(k)
+        cache.v.copy_(v)
+    # A path's nodes into consecutive slots, and moves whose sources are others' destinations.
+    src, dst = torch.tensor([[7, 9, 12], [4, 3, 2]]), torch.tensor([[6, 7, 8], [3, 4, 5]])
+    with torch.inference_mode():
+        for cache in caches:
+            cache.move(src, dst)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert not torch.equal(caches[0].k, k.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        caches[1].move(src + 20, dst)

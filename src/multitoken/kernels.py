@@ -4,7 +4,8 @@ mostly to calling operators, the norms (`KernelRMSNorm`), rotations (`rotate`) a
 stores (`KernelKVCache`) each as one call (eight, nine and about twelve operator calls in ATen), and
 a whole block as one call where all of its parts run in the kernels (`KernelBlock`).
 Beside them (`csrc/top_p.cpp`), the top-p truncation of sampling's distributions (`top_p`), ATen's
-numbers bit for bit at a third to a half of its cost.
+numbers bit for bit at a third to a half of its cost; and (`csrc/tree.cpp`) a draft tree's bookkeeping
+between forwards (`tree_ops`), each step a few calls where ATen needs over a hundred on tiny tensors.
 
 A decode step multiplies 1 to a few dozen rows (a token, or the last token and its drafts, per batch
 row) by every weight matrix. ATen's bf16 products pay ~30 us a call here whatever their size and grow
@@ -45,8 +46,8 @@ from multitoken.model import KVCache, Positions, RMSNorm, TransformerBlock, appl
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_linear.cpp"
-# Built into one library with SOURCE: top-p truncation for sampling (`top_p`).
-SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "top_p.cpp")
+# Built into one library with SOURCE: top-p truncation for sampling (`top_p`), a draft tree's bookkeeping (`tree_ops`).
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "top_p.cpp", Path(__file__).parent / "csrc" / "tree.cpp")
 BLOCK = 16  # outputs per packed block: one 512-bit vector of float32 sums
 TILE = 128  # outputs per packed tile: 8 blocks, whose weights are one stream in memory
 # Up to this many rows (tokens x batch) a product runs in the kernel; more (a prefill) go to ATen,
@@ -312,6 +313,13 @@ class KernelKVCache(KVCache):
         torch.ops.multitoken.cache_write.default(cache_k, cache_v, k, v, None if at else pos.start,
                                                  pos.start if at else 0, pos.rows)
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        # One call (`csrc/tree.cpp`) instead of ATen's indexed gather and store of keys and values (~25 us a block).
+        if tree_ops(src) and self.k.is_contiguous() and self.v.is_contiguous():
+            torch.ops.multitoken.move_cache_entries.default([self.k, self.v], src, dst)
+        else:
+            super().move(src, dst)
+
 
 def block_parts(block: TransformerBlock) -> tuple:
     """A block's attention, feed-forward and two norms, read from its module dict: nn.Module.__getattr__
@@ -414,3 +422,9 @@ def top_p(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
         top_p = torch.full((rows.numel(),), top_p, dtype=torch.float32).double()
     out = torch.ops.multitoken.top_p.default(probs.reshape(-1, probs.shape[-1]), top_p)
     return out.view(probs.shape)
+
+
+def tree_ops(x: torch.Tensor) -> bool:
+    """Whether a draft tree's bookkeeping for tensors like x runs in the kernels (`csrc/tree.cpp`): eagerly,
+    on the CPU. tree.py's functions say what each computes; they are ATen's versions of the same."""
+    return x.is_cpu and not torch.compiler.is_compiling() and available()

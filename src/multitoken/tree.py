@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from multitoken import kernels
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import draw, greedy as greedy_tokens, probs_from_logits
 from multitoken.steps import DecodeSteps, draft_logits, span_length
@@ -208,6 +209,9 @@ class TreeDrafter:
             logp = q.topk(self.n_ranks, dim=-1).values.log()  # the topology sees probabilities, not draws
             gumbel = -torch.log(-torch.log(torch.rand_like(q).clamp_min(1e-20)))
             tokens = (q.log() + gumbel).topk(self.n_ranks, dim=-1).indices  # ordered, without replacement
+        if self.paths is None and kernels.tree_ops(logp):  # best_tree and the gather below in one call
+            tokens, parent, depth, rank = torch.ops.multitoken.best_tree.default(logp, tokens, root, self.budget)
+            return Tree(parent, depth, rank, tokens), q
         bsz = root.shape[0]
         tree = static_tree(self.paths, bsz, root.device) if self.paths else best_tree(logp, self.budget)
         index = ((tree.depth - 1).clamp_min(0) * self.n_ranks + tree.rank)
@@ -222,6 +226,8 @@ def tree_positions(model: Transformer, tree: Tree, start: torch.Tensor, max_dept
     row's cache before start[b] and its own ancestors. Given `max_depth` (a compiled step), the mask
     spans the cache's first `span` slots (default: all) and nothing is read from the device: the
     caller keeps the tree in bounds."""
+    if max_depth is None and kernels.tree_ops(start):  # the same positions in one call
+        return Positions(*torch.ops.multitoken.tree_positions.default(tree.parent, tree.depth, start, model.rope))
     bsz, n = tree.parent.shape
     slots = start[:, None] + torch.arange(n, device=start.device)
     end = int(slots.max()) + 1 if max_depth is None else span or model.args.max_seq_len
@@ -266,6 +272,27 @@ def accept_greedy(tree: Tree, target: torch.Tensor, max_depth: int | None = None
         path = path.scatter(1, tree.depth.gather(1, node), node)
         node = tree.parent.gather(1, node)
     return path, n_acc.squeeze(1)
+
+
+def path_tokens(tree: Tree, path: torch.Tensor, n_acc: torch.Tensor, nxt: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted path cut to the longest row's (batch, 1 + most drafts accepted), and the step's
+    tokens, the same shape: each row's accepted drafts, then the token after them, `nxt` (then padding)."""
+    path = path[:, : int(n_acc.max()) + 1]
+    tokens = torch.cat([tree.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
+    tokens.scatter_(1, n_acc[:, None], nxt[:, None])
+    return path, tokens
+
+
+def accept_greedy_step(tree: Tree, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An eager greedy step's acceptance: `accept_greedy`'s path (cut as `path_tokens` cuts it) and
+    draft counts, the next-token head's token after each row's path, and the step's tokens."""
+    if kernels.tree_ops(target):  # all of it in one call
+        return torch.ops.multitoken.accept_greedy.default(tree.tokens, tree.parent, tree.depth, target)
+    path, n_acc = accept_greedy(tree, target)
+    nxt = target.gather(1, path.gather(1, n_acc[:, None])).squeeze(1)
+    path, tokens = path_tokens(tree, path, n_acc, nxt)
+    return path, n_acc, nxt, tokens
 
 
 def _without(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -433,19 +460,15 @@ def generate(
         h = model.forward_trunk(tokens, tpos)
         logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
         if greedy:
-            target = greedy_tokens(logits0)
-            path, n_acc = accept_greedy(t, target)
-            nxt = target[rows, path[rows, n_acc]]
+            path, n_acc, nxt, emitted = accept_greedy_step(t, greedy_tokens(logits0))
         else:
             p = probs_from_logits(logits0, temperature, top_p)
             path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)
             nxt = draw(dist)
-        path = path[:, : int(n_acc.max()) + 1]
+            path, emitted = path_tokens(t, path, n_acc, nxt)
         n_path = path.shape[1]
-        step_tokens = torch.cat([t.tokens.gather(1, path[:, 1:]), torch.zeros_like(nxt[:, None])], 1)
-        step_tokens[rows, n_acc] = nxt
-        lps = [token_logprobs(logits0[rows[:, None], path], step_tokens)] if logprobs else []
-        read(QueuedStep(width, active_list, [step_tokens, n_acc, depths, *lps], None))
+        lps = [token_logprobs(logits0[rows[:, None], path], emitted)] if logprobs else []
+        read(QueuedStep(width, active_list, [emitted, n_acc, depths, *lps], None))
         cur, x0 = cur + n_acc + 1, nxt
         if all(outputs.done):
             break

@@ -1,0 +1,241 @@
+// A draft tree's bookkeeping between two forwards (multitoken/tree.py; multitoken/kernels.py: `tree_ops`),
+// each as one call: choosing the tree from the heads' candidates (`best_tree`), its positions and attention
+// mask (`tree_positions`), the greedy acceptance (`accept_greedy`) and moving the accepted path's cached
+// keys and values into place (`move_cache_entries`). In ATen these are 20-60 operator calls each on tensors
+// of a few dozen numbers: ~0.5 ms of a tree step on a 2-core CPU, where the chain's bookkeeping is a few
+// calls. Each gives what tree.py's ATen version gives (tests/test_kernels.py compares them).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// tree.best_tree for logp (batch, heads, ranks) float32, each head's candidates' log probabilities best
+// first: per depth, the `budget` best expansions of the previous depth's best, then the chain and the best
+// nodes overall. The same float64 arithmetic as there (clamp, rank penalty, sums in the same order), so the
+// same scores; candidates of equal score are taken in the order they were made (ATen's topk leaves that
+// open). Returns (parent, depth, rank), each (batch, 1 + nodes) int64 with the root first, and tokens:
+// ids (batch, heads, ranks) the candidates' tokens, root (batch,) the root's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> best_tree(const at::Tensor& logp_in, const at::Tensor& ids_in,
+                                                                     const at::Tensor& root_in, int64_t budget) {
+  TORCH_CHECK(logp_in.dim() == 3 && logp_in.scalar_type() == at::kFloat, "best_tree: logp must be (batch, heads, ranks) float32");
+  TORCH_CHECK(ids_in.sizes() == logp_in.sizes() && ids_in.scalar_type() == at::kLong, "best_tree: ids must be int64 like logp");
+  TORCH_CHECK(root_in.dim() == 1 && root_in.size(0) == logp_in.size(0) && root_in.scalar_type() == at::kLong,
+              "best_tree: root must be (batch,) int64");
+  TORCH_CHECK(budget >= 1, "best_tree: a budget of at least 1 node, got ", budget);
+  const at::Tensor logp = logp_in.contiguous(), ids = ids_in.contiguous(), root = root_in.contiguous();
+  const int64_t bsz = logp.size(0), heads = logp.size(1), ranks = logp.size(2);
+  TORCH_CHECK(heads >= 1 && ranks >= 1, "best_tree: logp needs a head and a rank");
+  // How many candidates each depth keeps: the same for every row.
+  std::vector<int64_t> kept(heads);
+  int64_t total = 0;
+  for (int64_t d = 0, beam = 1; d < heads; ++d) {
+    kept[d] = std::min(budget, beam * ranks);
+    beam = kept[d];
+    total += kept[d];
+  }
+  const int64_t n = std::min(budget, total);
+  at::Tensor parent = at::empty({bsz, n + 1}, root.options()), depth = at::empty({bsz, n + 1}, root.options()),
+             rank = at::empty({bsz, n + 1}, root.options()), tokens = at::empty({bsz, n + 1}, root.options());
+  std::vector<double> lp(heads * ranks), beam, expanded, score(total);
+  std::vector<int64_t> order, cand_parent(total), cand_depth(total), cand_rank(total), node_of(total + 1);
+  for (int64_t b = 0; b < bsz; ++b) {
+    const float* lb = logp.const_data_ptr<float>() + b * heads * ranks;
+    for (int64_t d = 0; d < heads; ++d)
+      for (int64_t r = 0; r < ranks; ++r)  // ATen: logp.double().clamp_min(-1e4) - 1e-6 * arange(1, ranks + 1) (float32)
+        lp[d * ranks + r] = std::max((double)lb[d * ranks + r], -1e4) - (double)((float)(r + 1) * 1e-6f);
+    beam.assign(1, 0.0);
+    int64_t first_id = 0, made = 0;  // the beam's candidate ids are first_id .. (0: the root)
+    for (int64_t d = 0; d < heads; ++d) {
+      const int64_t m = (int64_t)beam.size();
+      expanded.resize(m * ranks);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t r = 0; r < ranks; ++r) expanded[i * ranks + r] = beam[i] + lp[d * ranks + r];
+      order.resize(m * ranks);
+      std::iota(order.begin(), order.end(), 0);
+      const auto better = [&](int64_t x, int64_t y) { return expanded[x] > expanded[y] || (expanded[x] == expanded[y] && x < y); };
+      std::partial_sort(order.begin(), order.begin() + kept[d], order.end(), better);
+      beam.resize(kept[d]);
+      for (int64_t j = 0; j < kept[d]; ++j) {
+        const int64_t x = order[j], c = made + j;
+        beam[j] = score[c] = expanded[x];
+        cand_parent[c] = d == 0 ? 0 : first_id + x / ranks;
+        cand_depth[c] = d + 1;
+        cand_rank[c] = x % ranks;
+      }
+      first_id = 1 + made;
+      made += kept[d];
+    }
+    // The chain's nodes (the first of each depth) first, then by score; candidate c has id 1 + c.
+    order.resize(total);
+    std::iota(order.begin(), order.end(), 0);
+    std::vector<double> ranked(score);
+    for (int64_t d = 0, c = 0; d < heads; c += kept[d++]) ranked[c] += 1e6;
+    std::partial_sort(order.begin(), order.begin() + n, order.end(),
+                      [&](int64_t x, int64_t y) { return ranked[x] > ranked[y] || (ranked[x] == ranked[y] && x < y); });
+    std::fill(node_of.begin(), node_of.end(), 0);
+    for (int64_t i = 0; i < n; ++i) node_of[1 + order[i]] = i + 1;
+    int64_t *pb = parent.mutable_data_ptr<int64_t>() + b * (n + 1), *db = depth.mutable_data_ptr<int64_t>() + b * (n + 1),
+            *rb = rank.mutable_data_ptr<int64_t>() + b * (n + 1), *tb = tokens.mutable_data_ptr<int64_t>() + b * (n + 1);
+    const int64_t* ib = ids.const_data_ptr<int64_t>() + b * heads * ranks;
+    pb[0] = db[0] = rb[0] = 0;
+    tb[0] = root.const_data_ptr<int64_t>()[b];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = order[i];
+      pb[i + 1] = node_of[cand_parent[c]];
+      db[i + 1] = cand_depth[c];
+      rb[i + 1] = cand_rank[c];
+      tb[i + 1] = ib[(cand_depth[c] - 1) * ranks + cand_rank[c]];
+    }
+  }
+  return {tokens, parent, depth, rank};
+}
+
+// tree.tree_positions, eagerly: node i of row b in cache slot start[b] + i, rotated as position
+// start[b] + depth[b, i] (its rotary row from `rope`, (positions, ...)), seeing the row's cache before
+// start[b] and its own ancestors. Returns slots (batch, nodes), rotary rows (batch, nodes, ...) and the
+// mask (batch, 1, nodes, end), end = max(start) + nodes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_positions(const at::Tensor& parent_in, const at::Tensor& depth_in,
+                                                               const at::Tensor& start_in, const at::Tensor& rope_in) {
+  TORCH_CHECK(parent_in.dim() == 2 && depth_in.sizes() == parent_in.sizes() && parent_in.scalar_type() == at::kLong &&
+              depth_in.scalar_type() == at::kLong, "tree_positions: parent and depth must be (batch, nodes) int64");
+  TORCH_CHECK(start_in.dim() == 1 && start_in.size(0) == parent_in.size(0) && start_in.scalar_type() == at::kLong,
+              "tree_positions: start must be (batch,) int64");
+  TORCH_CHECK(rope_in.dim() >= 1 && rope_in.scalar_type() == at::kFloat, "tree_positions: rope must be a float32 table");
+  const at::Tensor parent = parent_in.contiguous(), depth = depth_in.contiguous(), start = start_in.contiguous(),
+                   rope = rope_in.contiguous();
+  const int64_t bsz = parent.size(0), n = parent.size(1), positions = rope.size(0), row = rope.numel() / positions;
+  const int64_t *p0 = parent.const_data_ptr<int64_t>(), *d0 = depth.const_data_ptr<int64_t>(), *s0 = start.const_data_ptr<int64_t>();
+  int64_t end = 0;
+  for (int64_t b = 0; b < bsz; ++b) {
+    TORCH_CHECK(s0[b] >= 0, "tree_positions: a negative start (", s0[b], ")");
+    end = std::max(end, s0[b] + n);
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(i == 0 ? p0[b * n] == 0 : p0[b * n + i] >= 0 && p0[b * n + i] < i,
+                  "tree_positions: node ", i, " must come after its parent (parent ", p0[b * n + i], ")");
+  }
+  TORCH_CHECK(end <= positions, "tree_positions: position ", end - 1, " is past max_seq_len=", positions);
+  std::vector<int64_t> rope_shape = {bsz, n};
+  for (int64_t d = 1; d < rope.dim(); ++d) rope_shape.push_back(rope.size(d));
+  at::Tensor slots = at::empty({bsz, n}, start.options()), rows = at::empty(rope_shape, rope.options()),
+             mask = at::zeros({bsz, 1, n, end}, start.options().dtype(at::kBool));
+  int64_t* sl = slots.mutable_data_ptr<int64_t>();
+  float* ro = rows.mutable_data_ptr<float>();
+  bool* m0 = mask.mutable_data_ptr<bool>();
+  for (int64_t b = 0; b < bsz; ++b)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at_pos = s0[b] + d0[b * n + i];
+      TORCH_CHECK(at_pos < positions, "tree_positions: position ", at_pos, " is past max_seq_len=", positions);
+      sl[b * n + i] = s0[b] + i;
+      std::memcpy(ro + (b * n + i) * row, rope.const_data_ptr<float>() + at_pos * row, row * sizeof(float));
+      bool* mi = m0 + (b * n + i) * end;
+      std::fill(mi, mi + s0[b], true);
+      for (int64_t j = i;; j = p0[b * n + j]) {  // itself and its ancestors, up to the root
+        mi[s0[b] + j] = true;
+        if (j == 0) break;
+      }
+    }
+  return {slots, rows, mask};
+}
+
+// tree.accept_greedy and what tree.generate takes of it, given the next-token head's argmax at every node
+// target (batch, nodes): the accepted path (batch, width) of node indices, root first, padded with the last
+// node past each row's draft count, width = 1 + the most drafts any row accepted; the draft counts (batch,);
+// the token after each row's path (batch,); and the step's tokens (batch, width): the path's drafts, then
+// that token (then the padding's tokens).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> accept_greedy(const at::Tensor& tokens_in, const at::Tensor& parent_in,
+                                                                         const at::Tensor& depth_in, const at::Tensor& target_in) {
+  TORCH_CHECK(tokens_in.dim() == 2 && parent_in.sizes() == tokens_in.sizes() && depth_in.sizes() == tokens_in.sizes() &&
+              target_in.sizes() == tokens_in.sizes(), "accept_greedy: tokens, parent, depth and target must all be (batch, nodes)");
+  for (const at::Tensor* t : {&tokens_in, &parent_in, &depth_in, &target_in})
+    TORCH_CHECK(t->scalar_type() == at::kLong, "accept_greedy: int64 tensors");
+  const at::Tensor tokens = tokens_in.contiguous(), parent = parent_in.contiguous(), depth = depth_in.contiguous(),
+                   target = target_in.contiguous();
+  const int64_t bsz = tokens.size(0), n = tokens.size(1);
+  TORCH_CHECK(n >= 1, "accept_greedy: a tree has a root");
+  const int64_t *t0 = tokens.const_data_ptr<int64_t>(), *p0 = parent.const_data_ptr<int64_t>(),
+                *d0 = depth.const_data_ptr<int64_t>(), *g0 = target.const_data_ptr<int64_t>();
+  std::vector<uint8_t> on_path(n);
+  std::vector<int64_t> best(bsz);
+  at::Tensor n_acc = at::empty({bsz}, tokens.options()), next = at::empty({bsz}, tokens.options());
+  int64_t* na = n_acc.mutable_data_ptr<int64_t>();
+  int64_t width = 1;
+  for (int64_t b = 0; b < bsz; ++b) {
+    const int64_t *tb = t0 + b * n, *pb = p0 + b * n, *db = d0 + b * n, *gb = g0 + b * n;
+    on_path[0] = 1;
+    best[b] = 0;
+    for (int64_t i = 1; i < n; ++i) {
+      TORCH_CHECK(pb[i] >= 0 && pb[i] < i, "accept_greedy: node ", i, " must come after its parent (parent ", pb[i], ")");
+      on_path[i] = on_path[pb[i]] && tb[i] == gb[pb[i]];
+      if (on_path[i] && db[i] > db[best[b]]) best[b] = i;  // the deepest, the first of equals (an argmax)
+    }
+    na[b] = db[best[b]];
+    width = std::max(width, na[b] + 1);
+  }
+  at::Tensor path = at::empty({bsz, width}, tokens.options()), step = at::empty({bsz, width}, tokens.options());
+  int64_t *pa = path.mutable_data_ptr<int64_t>(), *st = step.mutable_data_ptr<int64_t>(), *nx = next.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < bsz; ++b) {
+    int64_t* pr = pa + b * width;
+    std::fill(pr, pr + width, n - 1);
+    for (int64_t node = best[b], j = na[b]; j >= 0; node = p0[b * n + node], --j) pr[j] = node;
+    nx[b] = g0[b * n + best[b]];
+    for (int64_t j = 0; j + 1 < width; ++j) st[b * width + j] = t0[b * n + pr[j + 1]];
+    st[b * width + width - 1] = 0;
+    st[b * width + na[b]] = nx[b];
+  }
+  return {path, n_acc, next, step};
+}
+
+// Transformer.move_cache_entries over the given caches (each (rows, kv_heads, slots, head_dim)): row b's
+// entries at slots src[b] copied to slots dst[b] (both (batch, n)), every source read before any is written.
+void move_cache_entries(at::TensorList caches, const at::Tensor& src_in, const at::Tensor& dst_in) {
+  TORCH_CHECK(src_in.dim() == 2 && dst_in.sizes() == src_in.sizes() && src_in.scalar_type() == at::kLong &&
+              dst_in.scalar_type() == at::kLong, "move_cache_entries: src and dst must be (batch, n) int64");
+  const at::Tensor src = src_in.contiguous(), dst = dst_in.contiguous();
+  const int64_t bsz = src.size(0), n = src.size(1);
+  const int64_t *s0 = src.const_data_ptr<int64_t>(), *t0 = dst.const_data_ptr<int64_t>();
+  std::vector<char> moved;
+  for (const at::Tensor& cache : caches) {
+    TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous() && cache.size(0) >= bsz,
+                "move_cache_entries: caches must be contiguous (rows, kv_heads, slots, head_dim) with a row per batch row");
+    const int64_t heads = cache.size(1), slots = cache.size(2), entry = cache.size(3) * cache.element_size();
+    char* base = static_cast<char*>(cache.data_ptr());
+    moved.resize(n * heads * entry);
+    for (int64_t b = 0; b < bsz; ++b) {
+      for (int64_t j = 0; j < n; ++j)
+        TORCH_CHECK(s0[b * n + j] >= 0 && s0[b * n + j] < slots && t0[b * n + j] >= 0 && t0[b * n + j] < slots,
+                    "move_cache_entries: slot out of range");
+      char* row = base + b * heads * slots * entry;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t h = 0; h < heads; ++h)
+          std::memcpy(moved.data() + (j * heads + h) * entry, row + (h * slots + s0[b * n + j]) * entry, entry);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t h = 0; h < heads; ++h)
+          std::memcpy(row + (h * slots + t0[b * n + j]) * entry, moved.data() + (j * heads + h) * entry, entry);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(multitoken, m) {
+  m.def("best_tree(Tensor logp, Tensor ids, Tensor root, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("tree_positions(Tensor parent, Tensor depth, Tensor start, Tensor rope) -> (Tensor, Tensor, Tensor)");
+  m.def("accept_greedy(Tensor tokens, Tensor parent, Tensor depth, Tensor target) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("move_cache_entries(Tensor(a!)[] caches, Tensor src, Tensor dst) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
+  m.impl("best_tree", best_tree);
+  m.impl("tree_positions", tree_positions);
+  m.impl("accept_greedy", accept_greedy);
+  m.impl("move_cache_entries", move_cache_entries);
+}
