@@ -553,3 +553,17 @@ def test_cache_kernel_moves_what_kvcache_moves():
     assert not torch.equal(caches[0].k, k.to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="slot out of range"):
         caches[1].move(src + 20, dst)
+
+
+@needs_kernel
+def test_row_positions_kernel_is_the_models():
+    model = random_model(tiny_args(max_seq_len=40))
+    model.setup_caches(3, 40)
+    start = torch.tensor([0, 17, 35])
+    for seqlen in (1, 4, 5):
+        fast, slow = kernels.row_positions(model, start, seqlen), model.positions(start, 3, seqlen)
+        assert all(torch.equal(a, b) for a, b in zip(fast[:3], slow[:3])) and fast.rows is None
+    with pytest.raises(RuntimeError, match="position 40 is past max_seq_len=40"):
+        kernels.row_positions(model, start, 6)
+    with pytest.raises(ValueError, match="batch of 4 exceeds max_batch_size=3"):
+        kernels.row_positions(model, torch.tensor([0, 1, 2, 3]), 1)

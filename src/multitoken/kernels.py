@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitoken.model import KVCache, Positions, RMSNorm, TransformerBlock, apply_rope, scaled_dot_product
+from multitoken.model import KVCache, Positions, RMSNorm, Transformer, TransformerBlock, apply_rope, scaled_dot_product
 
 log = logging.getLogger(__name__)
 
@@ -428,3 +428,13 @@ def tree_ops(x: torch.Tensor) -> bool:
     """Whether a draft tree's bookkeeping for tensors like x runs in the kernels (`csrc/tree.cpp`): eagerly,
     on the CPU. tree.py's functions say what each computes; they are ATen's versions of the same."""
     return x.is_cpu and not torch.compiler.is_compiling() and available()
+
+
+def row_positions(model: Transformer, start: torch.Tensor, seqlen: int) -> Positions:
+    """`model.positions(start, len(start), seqlen)` for per-row offsets start (batch,), in one call
+    (`csrc/tree.cpp`) where `tree_ops(start)`, else that call."""
+    if not tree_ops(start):
+        return model.positions(start, start.shape[0], seqlen)
+    if start.shape[0] > model.args.max_batch_size:
+        raise ValueError(f"batch of {start.shape[0]} exceeds max_batch_size={model.args.max_batch_size}")
+    return Positions(*torch.ops.multitoken.row_positions.default(start, seqlen, model.rope))

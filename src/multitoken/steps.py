@@ -519,6 +519,8 @@ class DecodeSteps:
 
     def _positions(self, start: torch.Tensor, bsz: int, seqlen: int, span: int | torch.Tensor | None) -> Positions:
         # Compiled steps need a fixed span (the whole cache unless told); eager ones read the positions.
+        if self.cpu_kernels and not self.compiled:
+            return kernels.row_positions(self.model, start, seqlen)
         return self.model.positions(start, bsz, seqlen,
                                     span=(span_length(span) or self.model.args.max_seq_len) if self.compiled else None)
 

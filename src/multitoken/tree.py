@@ -483,7 +483,7 @@ def generate(
                                      start[:, None] + torch.arange(first, n_path, device=device),
                                      extra_heads=False)  # they never saw the tree
         h = h.gather(1, path[..., None].expand(-1, -1, h.shape[-1]))
-        pos = model.positions(start, len(rows), n_path)
+        pos = kernels.row_positions(model, start, n_path)
         t, q = drafter(draft_logits(model, h, pos, n_acc, drafter.depth), x0, temperature, top_p)
 
     tokens, lps = outputs.result(echo, prompt_logprobs)

@@ -1,6 +1,6 @@
 // A draft tree's bookkeeping between two forwards (multitoken/tree.py; multitoken/kernels.py: `tree_ops`),
 // each as one call: choosing the tree from the heads' candidates (`best_tree`), its positions and attention
-// mask (`tree_positions`), the greedy acceptance (`accept_greedy`) and moving the accepted path's cached
+// mask (`tree_positions`; `row_positions` for a chain's), the greedy acceptance (`accept_greedy`) and moving the accepted path's cached
 // keys and values into place (`move_cache_entries`). In ATen these are 20-60 operator calls each on tensors
 // of a few dozen numbers: ~0.5 ms of a tree step on a 2-core CPU, where the chain's bookkeeping is a few
 // calls. Each gives what tree.py's ATen version gives (tests/test_kernels.py compares them).
@@ -99,30 +99,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> best_tree(const at::T
   return {tokens, parent, depth, rank};
 }
 
-// tree.tree_positions, eagerly: node i of row b in cache slot start[b] + i, rotated as position
-// start[b] + depth[b, i] (its rotary row from `rope`, (positions, ...)), seeing the row's cache before
-// start[b] and its own ancestors. Returns slots (batch, nodes), rotary rows (batch, nodes, ...) and the
-// mask (batch, 1, nodes, end), end = max(start) + nodes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_positions(const at::Tensor& parent_in, const at::Tensor& depth_in,
-                                                               const at::Tensor& start_in, const at::Tensor& rope_in) {
-  TORCH_CHECK(parent_in.dim() == 2 && depth_in.sizes() == parent_in.sizes() && parent_in.scalar_type() == at::kLong &&
-              depth_in.scalar_type() == at::kLong, "tree_positions: parent and depth must be (batch, nodes) int64");
-  TORCH_CHECK(start_in.dim() == 1 && start_in.size(0) == parent_in.size(0) && start_in.scalar_type() == at::kLong,
-              "tree_positions: start must be (batch,) int64");
-  TORCH_CHECK(rope_in.dim() >= 1 && rope_in.scalar_type() == at::kFloat, "tree_positions: rope must be a float32 table");
-  const at::Tensor parent = parent_in.contiguous(), depth = depth_in.contiguous(), start = start_in.contiguous(),
-                   rope = rope_in.contiguous();
-  const int64_t bsz = parent.size(0), n = parent.size(1), positions = rope.size(0), row = rope.numel() / positions;
-  const int64_t *p0 = parent.const_data_ptr<int64_t>(), *d0 = depth.const_data_ptr<int64_t>(), *s0 = start.const_data_ptr<int64_t>();
+// Positions of `n` tokens per row (slots start[b] .. start[b] + n - 1), token i rotated as position start[b] +
+// depth[i] (its row of `rope`, (positions, ...)) and seeing the row's cache before start[b], itself and its
+// ancestors (parent[i], ..., the root: token 0); parent and depth (batch, n) or, for a chain of tokens (each
+// the parent of the next), null. Returns slots (batch, n), rotary rows (batch, n, ...) and the mask (batch,
+// 1, n, end), end = max(start) + n.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> positions_of(const int64_t* p0, const int64_t* d0, const at::Tensor& start_in,
+                                                             int64_t n, const at::Tensor& rope_in) {
+  TORCH_CHECK(start_in.dim() == 1 && start_in.scalar_type() == at::kLong, "positions: start must be (batch,) int64");
+  TORCH_CHECK(rope_in.dim() >= 1 && rope_in.scalar_type() == at::kFloat, "positions: rope must be a float32 table");
+  const at::Tensor start = start_in.contiguous(), rope = rope_in.contiguous();
+  const int64_t bsz = start.size(0), positions = rope.size(0), row = rope.numel() / positions;
+  const int64_t* s0 = start.const_data_ptr<int64_t>();
   int64_t end = 0;
   for (int64_t b = 0; b < bsz; ++b) {
-    TORCH_CHECK(s0[b] >= 0, "tree_positions: a negative start (", s0[b], ")");
+    TORCH_CHECK(s0[b] >= 0, "positions: a negative start (", s0[b], ")");
     end = std::max(end, s0[b] + n);
-    for (int64_t i = 0; i < n; ++i)
-      TORCH_CHECK(i == 0 ? p0[b * n] == 0 : p0[b * n + i] >= 0 && p0[b * n + i] < i,
-                  "tree_positions: node ", i, " must come after its parent (parent ", p0[b * n + i], ")");
+    for (int64_t i = 0; p0 && i < n; ++i)
+      TORCH_CHECK((i == 0 ? p0[b * n] == 0 : p0[b * n + i] >= 0 && p0[b * n + i] < i) && d0[b * n + i] >= 0,
+                  "tree_positions: node ", i, " must come after its parent (parent ", p0[b * n + i], ", depth ",
+                  d0[b * n + i], ")");
   }
-  TORCH_CHECK(end <= positions, "tree_positions: position ", end - 1, " is past max_seq_len=", positions);
+  TORCH_CHECK(end <= positions, "positions: position ", end - 1, " is past max_seq_len=", positions);
   std::vector<int64_t> rope_shape = {bsz, n};
   for (int64_t d = 1; d < rope.dim(); ++d) rope_shape.push_back(rope.size(d));
   at::Tensor slots = at::empty({bsz, n}, start.options()), rows = at::empty(rope_shape, rope.options()),
@@ -132,11 +130,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_positions(const at::Tensor& 
   bool* m0 = mask.mutable_data_ptr<bool>();
   for (int64_t b = 0; b < bsz; ++b)
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t at_pos = s0[b] + d0[b * n + i];
-      TORCH_CHECK(at_pos < positions, "tree_positions: position ", at_pos, " is past max_seq_len=", positions);
+      const int64_t at_pos = s0[b] + (d0 ? d0[b * n + i] : i);
+      TORCH_CHECK(at_pos < positions, "positions: position ", at_pos, " is past max_seq_len=", positions);
       sl[b * n + i] = s0[b] + i;
       std::memcpy(ro + (b * n + i) * row, rope.const_data_ptr<float>() + at_pos * row, row * sizeof(float));
       bool* mi = m0 + (b * n + i) * end;
+      if (!p0) {
+        std::fill(mi, mi + s0[b] + i + 1, true);
+        continue;
+      }
       std::fill(mi, mi + s0[b], true);
       for (int64_t j = i;; j = p0[b * n + j]) {  // itself and its ancestors, up to the root
         mi[s0[b] + j] = true;
@@ -144,6 +146,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_positions(const at::Tensor& 
       }
     }
   return {slots, rows, mask};
+}
+
+// tree.tree_positions, eagerly: a tree's nodes (parent, depth: (batch, nodes) int64, parents first).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_positions(const at::Tensor& parent_in, const at::Tensor& depth_in,
+                                                               const at::Tensor& start, const at::Tensor& rope) {
+  TORCH_CHECK(parent_in.dim() == 2 && depth_in.sizes() == parent_in.sizes() && parent_in.scalar_type() == at::kLong &&
+              depth_in.scalar_type() == at::kLong && parent_in.size(0) == start.size(0),
+              "tree_positions: parent and depth must be (batch, nodes) int64, a row per start");
+  const at::Tensor parent = parent_in.contiguous(), depth = depth_in.contiguous();
+  return positions_of(parent.const_data_ptr<int64_t>(), depth.const_data_ptr<int64_t>(), start, parent.size(1), rope);
+}
+
+// Transformer.positions(start, batch, seqlen) for per-row starts, eagerly: each row's tokens at their own
+// offset, each seeing the row's cache up to itself.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_positions(const at::Tensor& start, int64_t seqlen, const at::Tensor& rope) {
+  TORCH_CHECK(seqlen >= 1, "positions: at least one token a row, got ", seqlen);
+  return positions_of(nullptr, nullptr, start, seqlen, rope);
 }
 
 // tree.accept_greedy and what tree.generate takes of it, given the next-token head's argmax at every node
@@ -229,6 +248,7 @@ void move_cache_entries(at::TensorList caches, const at::Tensor& src_in, const a
 TORCH_LIBRARY_FRAGMENT(multitoken, m) {
   m.def("best_tree(Tensor logp, Tensor ids, Tensor root, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("tree_positions(Tensor parent, Tensor depth, Tensor start, Tensor rope) -> (Tensor, Tensor, Tensor)");
+  m.def("row_positions(Tensor start, int seqlen, Tensor rope) -> (Tensor, Tensor, Tensor)");
   m.def("accept_greedy(Tensor tokens, Tensor parent, Tensor depth, Tensor target) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("move_cache_entries(Tensor(a!)[] caches, Tensor src, Tensor dst) -> ()");
 }
@@ -236,6 +256,7 @@ TORCH_LIBRARY_FRAGMENT(multitoken, m) {
 TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("best_tree", best_tree);
   m.impl("tree_positions", tree_positions);
+  m.impl("row_positions", row_positions);
   m.impl("accept_greedy", accept_greedy);
   m.impl("move_cache_entries", move_cache_entries);
 }
