@@ -511,6 +511,20 @@ def test_tree_kernels_choose_and_place_atens_tree(monkeypatch, bsz, heads, ranks
 
 
 @needs_kernel
+def test_greedy_tree_kernel_ranks_equal_logits_as_argmax_does():
+    # Head 1: tokens 1 and 2 tie for best (argmax takes 1); head 2: 0 best, then 2 and 3 tied.
+    logits = torch.tensor([[[1.0, 3.0, 3.0, 2.0], [5.0, 1.0, 4.0, 4.0]]])
+    tokens, parent, depth, rank = torch.ops.multitoken.greedy_tree(logits, torch.tensor([9]), 4, 3)
+    assert tokens[0, :3].tolist() == [9, 1, 0]  # the root, then the chain: each head's argmax
+    for i in range(1, 5):  # every node holds its head's rank-th best token, ties by id
+        head_ranked = sorted(range(4), key=lambda v: (-logits[0, depth[0, i] - 1, v].item(), v))
+        assert tokens[0, i] == head_ranked[rank[0, i]]
+    assert parent[0].tolist()[:3] == [0, 0, 1] and depth[0].tolist()[:3] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="ranks must be in 1 .. 4"):
+        torch.ops.multitoken.greedy_tree(logits, torch.tensor([9]), 4, 5)
+
+
+@needs_kernel
 def test_tree_acceptance_kernel_is_atens(monkeypatch):
     from multitoken.tree import Tree, accept_greedy_step
 

@@ -201,6 +201,11 @@ class TreeDrafter:
                  ) -> tuple[Tree, torch.Tensor | None]:
         """The tree with its tokens for draft logits (batch, depth, vocab) and root tokens (batch,),
         and, when sampling, the heads' processed distributions q (batch, depth, vocab)."""
+        dynamic = self.paths is None and kernels.tree_ops(logits)  # in the kernels: best_tree and the gather below
+        if temperature == 0 and dynamic:  # and the log probabilities and their best ranks, in one call
+            tokens, parent, depth, rank = torch.ops.multitoken.greedy_tree.default(logits.float(), root, self.budget,
+                                                                                  self.n_ranks)
+            return Tree(parent, depth, rank, tokens), None
         if temperature == 0:
             q = None
             logp, tokens = torch.log_softmax(logits.float(), -1).topk(self.n_ranks, dim=-1)
@@ -209,7 +214,7 @@ class TreeDrafter:
             logp = q.topk(self.n_ranks, dim=-1).values.log()  # the topology sees probabilities, not draws
             gumbel = -torch.log(-torch.log(torch.rand_like(q).clamp_min(1e-20)))
             tokens = (q.log() + gumbel).topk(self.n_ranks, dim=-1).indices  # ordered, without replacement
-        if self.paths is None and kernels.tree_ops(logp):  # best_tree and the gather below in one call
+        if dynamic:
             tokens, parent, depth, rank = torch.ops.multitoken.best_tree.default(logp, tokens, root, self.budget)
             return Tree(parent, depth, rank, tokens), q
         bsz = root.shape[0]

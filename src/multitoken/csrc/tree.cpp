@@ -5,98 +5,173 @@
 // of a few dozen numbers: ~0.5 ms of a tree step on a 2-core CPU, where the chain's bookkeeping is a few
 // calls. Each gives what tree.py's ATen version gives (tests/test_kernels.py compares them).
 #include <ATen/core/Tensor.h>
+#include <immintrin.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <tuple>
 #include <vector>
 
+extern "C" __m512 Sleef_expf16_u10(__m512);
+
 namespace {
 
-// tree.best_tree for logp (batch, heads, ranks) float32, each head's candidates' log probabilities best
-// first: per depth, the `budget` best expansions of the previous depth's best, then the chain and the best
-// nodes overall. The same float64 arithmetic as there (clamp, rank penalty, sums in the same order), so the
-// same scores; candidates of equal score are taken in the order they were made (ATen's topk leaves that
-// open). Returns (parent, depth, rank), each (batch, 1 + nodes) int64 with the root first, and tokens:
-// ids (batch, heads, ranks) the candidates' tokens, root (batch,) the root's.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> best_tree(const at::Tensor& logp_in, const at::Tensor& ids_in,
-                                                                     const at::Tensor& root_in, int64_t budget) {
-  TORCH_CHECK(logp_in.dim() == 3 && logp_in.scalar_type() == at::kFloat, "best_tree: logp must be (batch, heads, ranks) float32");
-  TORCH_CHECK(ids_in.sizes() == logp_in.sizes() && ids_in.scalar_type() == at::kLong, "best_tree: ids must be int64 like logp");
-  TORCH_CHECK(root_in.dim() == 1 && root_in.size(0) == logp_in.size(0) && root_in.scalar_type() == at::kLong,
-              "best_tree: root must be (batch,) int64");
-  TORCH_CHECK(budget >= 1, "best_tree: a budget of at least 1 node, got ", budget);
-  const at::Tensor logp = logp_in.contiguous(), ids = ids_in.contiguous(), root = root_in.contiguous();
-  const int64_t bsz = logp.size(0), heads = logp.size(1), ranks = logp.size(2);
-  TORCH_CHECK(heads >= 1 && ranks >= 1, "best_tree: logp needs a head and a rank");
-  // How many candidates each depth keeps: the same for every row.
-  std::vector<int64_t> kept(heads);
-  int64_t total = 0;
-  for (int64_t d = 0, beam = 1; d < heads; ++d) {
-    kept[d] = std::min(budget, beam * ranks);
-    beam = kept[d];
-    total += kept[d];
+// How many candidates each depth of a dynamic tree keeps (the best `budget` expansions of the depth
+// before), in all, and the tree's nodes: the same for every row.
+struct TreeShape {
+  std::vector<int64_t> kept;
+  int64_t total = 0, nodes = 0;
+  TreeShape(int64_t heads, int64_t ranks, int64_t budget) : kept(heads) {
+    for (int64_t d = 0, beam = 1; d < heads; ++d) {
+      kept[d] = std::min(budget, beam * ranks);
+      beam = kept[d];
+      total += kept[d];
+    }
+    nodes = std::min(budget, total);
   }
-  const int64_t n = std::min(budget, total);
-  at::Tensor parent = at::empty({bsz, n + 1}, root.options()), depth = at::empty({bsz, n + 1}, root.options()),
-             rank = at::empty({bsz, n + 1}, root.options()), tokens = at::empty({bsz, n + 1}, root.options());
-  std::vector<double> lp(heads * ranks), beam, expanded, score(total);
-  std::vector<int64_t> order, cand_parent(total), cand_depth(total), cand_rank(total), node_of(total + 1);
-  for (int64_t b = 0; b < bsz; ++b) {
-    const float* lb = logp.const_data_ptr<float>() + b * heads * ranks;
-    for (int64_t d = 0; d < heads; ++d)
-      for (int64_t r = 0; r < ranks; ++r)  // ATen: logp.double().clamp_min(-1e4) - 1e-6 * arange(1, ranks + 1) (float32)
-        lp[d * ranks + r] = std::max((double)lb[d * ranks + r], -1e4) - (double)((float)(r + 1) * 1e-6f);
-    beam.assign(1, 0.0);
-    int64_t first_id = 0, made = 0;  // the beam's candidate ids are first_id .. (0: the root)
-    for (int64_t d = 0; d < heads; ++d) {
-      const int64_t m = (int64_t)beam.size();
-      expanded.resize(m * ranks);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t r = 0; r < ranks; ++r) expanded[i * ranks + r] = beam[i] + lp[d * ranks + r];
-      order.resize(m * ranks);
-      std::iota(order.begin(), order.end(), 0);
-      const auto better = [&](int64_t x, int64_t y) { return expanded[x] > expanded[y] || (expanded[x] == expanded[y] && x < y); };
-      std::partial_sort(order.begin(), order.begin() + kept[d], order.end(), better);
-      beam.resize(kept[d]);
-      for (int64_t j = 0; j < kept[d]; ++j) {
-        const int64_t x = order[j], c = made + j;
-        beam[j] = score[c] = expanded[x];
-        cand_parent[c] = d == 0 ? 0 : first_id + x / ranks;
-        cand_depth[c] = d + 1;
-        cand_rank[c] = x % ranks;
-      }
-      first_id = 1 + made;
-      made += kept[d];
-    }
-    // The chain's nodes (the first of each depth) first, then by score; candidate c has id 1 + c.
-    order.resize(total);
+};
+
+// tree.best_tree for one row, lb (heads x ranks) each head's candidates' log probabilities best first, ib
+// their tokens: per depth, the `budget` best expansions of the previous depth's best, then the chain and
+// the best nodes overall. The same float64 arithmetic as there (clamp, rank penalty, sums in the same
+// order), so the same scores; candidates of equal score are taken in the order they were made (ATen's topk
+// leaves that open). Writes tokens, parent, depth and rank of the root and the nodes (1 + shape.nodes each).
+void row_tree(const float* lb, const int64_t* ib, int64_t heads, int64_t ranks, const TreeShape& shape, int64_t root,
+              int64_t* tb, int64_t* pb, int64_t* db, int64_t* rb) {
+  const int64_t total = shape.total, n = shape.nodes;
+  std::vector<double> lp(heads * ranks), beam(1, 0.0), expanded, score(total);
+  std::vector<int64_t> order, cand_parent(total), cand_depth(total), cand_rank(total), node_of(total + 1, 0);
+  for (int64_t d = 0; d < heads; ++d)
+    for (int64_t r = 0; r < ranks; ++r)  // ATen: logp.double().clamp_min(-1e4) - 1e-6 * arange(1, ranks + 1) (float32)
+      lp[d * ranks + r] = std::max((double)lb[d * ranks + r], -1e4) - (double)((float)(r + 1) * 1e-6f);
+  int64_t first_id = 0, made = 0;  // the beam's candidate ids are first_id .. (0: the root)
+  for (int64_t d = 0; d < heads; ++d) {
+    const int64_t m = (int64_t)beam.size(), keep = shape.kept[d];
+    expanded.resize(m * ranks);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t r = 0; r < ranks; ++r) expanded[i * ranks + r] = beam[i] + lp[d * ranks + r];
+    order.resize(m * ranks);
     std::iota(order.begin(), order.end(), 0);
-    std::vector<double> ranked(score);
-    for (int64_t d = 0, c = 0; d < heads; c += kept[d++]) ranked[c] += 1e6;
-    std::partial_sort(order.begin(), order.begin() + n, order.end(),
-                      [&](int64_t x, int64_t y) { return ranked[x] > ranked[y] || (ranked[x] == ranked[y] && x < y); });
-    std::fill(node_of.begin(), node_of.end(), 0);
-    for (int64_t i = 0; i < n; ++i) node_of[1 + order[i]] = i + 1;
-    int64_t *pb = parent.mutable_data_ptr<int64_t>() + b * (n + 1), *db = depth.mutable_data_ptr<int64_t>() + b * (n + 1),
-            *rb = rank.mutable_data_ptr<int64_t>() + b * (n + 1), *tb = tokens.mutable_data_ptr<int64_t>() + b * (n + 1);
-    const int64_t* ib = ids.const_data_ptr<int64_t>() + b * heads * ranks;
-    pb[0] = db[0] = rb[0] = 0;
-    tb[0] = root.const_data_ptr<int64_t>()[b];
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t c = order[i];
-      pb[i + 1] = node_of[cand_parent[c]];
-      db[i + 1] = cand_depth[c];
-      rb[i + 1] = cand_rank[c];
-      tb[i + 1] = ib[(cand_depth[c] - 1) * ranks + cand_rank[c]];
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(),
+                      [&](int64_t x, int64_t y) { return expanded[x] > expanded[y] || (expanded[x] == expanded[y] && x < y); });
+    beam.resize(keep);
+    for (int64_t j = 0; j < keep; ++j) {
+      const int64_t x = order[j], c = made + j;
+      beam[j] = score[c] = expanded[x];
+      cand_parent[c] = d == 0 ? 0 : first_id + x / ranks;
+      cand_depth[c] = d + 1;
+      cand_rank[c] = x % ranks;
     }
+    first_id = 1 + made;
+    made += keep;
+  }
+  // The chain's nodes (the first of each depth) first, then by score; candidate c has id 1 + c.
+  order.resize(total);
+  std::iota(order.begin(), order.end(), 0);
+  for (int64_t d = 0, c = 0; d < heads; c += shape.kept[d++]) score[c] += 1e6;
+  std::partial_sort(order.begin(), order.begin() + n, order.end(),
+                    [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); });
+  for (int64_t i = 0; i < n; ++i) node_of[1 + order[i]] = i + 1;
+  pb[0] = db[0] = rb[0] = 0;
+  tb[0] = root;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = order[i];
+    pb[i + 1] = node_of[cand_parent[c]];
+    db[i + 1] = cand_depth[c];
+    rb[i + 1] = cand_rank[c];
+    tb[i + 1] = ib[(cand_depth[c] - 1) * ranks + cand_rank[c]];
+  }
+}
+
+using TreeTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Every row's tree: fill(b, lb, ib) writes row b's candidates (heads x ranks log probabilities, tokens).
+template <typename Fill>
+TreeTensors trees(int64_t bsz, int64_t heads, int64_t ranks, int64_t budget, const at::Tensor& root_in, Fill fill) {
+  TORCH_CHECK(root_in.dim() == 1 && root_in.size(0) == bsz && root_in.scalar_type() == at::kLong, "best_tree: root must be (batch,) int64");
+  TORCH_CHECK(budget >= 1, "best_tree: a budget of at least 1 node, got ", budget);
+  TORCH_CHECK(heads >= 1 && ranks >= 1, "best_tree: the candidates need a head and a rank");
+  const at::Tensor root = root_in.contiguous();
+  const TreeShape shape(heads, ranks, budget);
+  const int64_t w = shape.nodes + 1;
+  at::Tensor tokens = at::empty({bsz, w}, root.options()), parent = at::empty({bsz, w}, root.options()),
+             depth = at::empty({bsz, w}, root.options()), rank = at::empty({bsz, w}, root.options());
+  std::vector<float> lb(heads * ranks);
+  std::vector<int64_t> ib(heads * ranks);
+  for (int64_t b = 0; b < bsz; ++b) {
+    fill(b, lb.data(), ib.data());
+    row_tree(lb.data(), ib.data(), heads, ranks, shape, root.const_data_ptr<int64_t>()[b], tokens.mutable_data_ptr<int64_t>() + b * w,
+             parent.mutable_data_ptr<int64_t>() + b * w, depth.mutable_data_ptr<int64_t>() + b * w, rank.mutable_data_ptr<int64_t>() + b * w);
   }
   return {tokens, parent, depth, rank};
+}
+
+// tree.best_tree and the drafter's gather of the nodes' tokens: logp (batch, heads, ranks) float32 each
+// head's candidates' log probabilities best first, ids their tokens, root (batch,) the roots' tokens.
+// Returns the trees' tokens, parent, depth and rank, each (batch, 1 + nodes) int64, the root first.
+TreeTensors best_tree(const at::Tensor& logp_in, const at::Tensor& ids_in, const at::Tensor& root, int64_t budget) {
+  TORCH_CHECK(logp_in.dim() == 3 && logp_in.scalar_type() == at::kFloat, "best_tree: logp must be (batch, heads, ranks) float32");
+  TORCH_CHECK(ids_in.sizes() == logp_in.sizes() && ids_in.scalar_type() == at::kLong, "best_tree: ids must be int64 like logp");
+  const at::Tensor logp = logp_in.contiguous(), ids = ids_in.contiguous();
+  const int64_t heads = logp.size(1), ranks = logp.size(2), per_row = heads * ranks;
+  return trees(logp.size(0), heads, ranks, budget, root, [&](int64_t b, float* lb, int64_t* ib) {
+    std::memcpy(lb, logp.const_data_ptr<float>() + b * per_row, per_row * sizeof(float));
+    std::memcpy(ib, ids.const_data_ptr<int64_t>() + b * per_row, per_row * sizeof(int64_t));
+  });
+}
+
+// The greedy drafter's whole tree from the extra heads' logits (batch, heads, vocab) float32: each head's
+// `ranks` best tokens (the larger logit first, the lower id of equal ones, as argmax picks) and their log
+// probabilities (logit - max - log(sum(exp(logit - max)))), then best_tree. ATen's log_softmax and topk
+// give the same log probabilities but for the last bits of the sum, and may order equal logits otherwise.
+TreeTensors greedy_tree(const at::Tensor& logits_in, const at::Tensor& root, int64_t budget, int64_t ranks) {
+  TORCH_CHECK(logits_in.dim() == 3 && logits_in.scalar_type() == at::kFloat, "greedy_tree: logits must be (batch, heads, vocab) float32");
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t heads = logits.size(1), vocab = logits.size(2);
+  TORCH_CHECK(ranks >= 1 && ranks <= vocab, "greedy_tree: ranks must be in 1 .. ", vocab, ", got ", ranks);
+  std::vector<std::pair<float, int64_t>> best;
+  const auto before = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  return trees(logits.size(0), heads, ranks, budget, root, [&](int64_t b, float* lb, int64_t* ib) {
+    for (int64_t d = 0; d < heads; ++d) {
+      const float* x = logits.const_data_ptr<float>() + (b * heads + d) * vocab;
+      // The best `ranks` as a heap whose top is the worst kept; most logits lose to it at once.
+      best.clear();
+      float top = -INFINITY;
+      for (int64_t i = 0; i < vocab; ++i) {
+        top = std::max(top, x[i]);
+        if ((int64_t)best.size() < ranks) {
+          best.emplace_back(x[i], i);
+          std::push_heap(best.begin(), best.end(), before);
+        } else if (x[i] > best.front().first) {  // an equal logit has a higher id: it loses
+          std::pop_heap(best.begin(), best.end(), before);
+          best.back() = {x[i], i};
+          std::push_heap(best.begin(), best.end(), before);
+        }
+      }
+      std::sort_heap(best.begin(), best.end(), before);
+      // The sum in 16 float32 lanes with ATen's exp (SLEEF's, which libtorch_cpu exports), then across them.
+      const __m512 mx = _mm512_set1_ps(top);
+      __m512 lanes = _mm512_setzero_ps();
+      for (int64_t i = 0; i < vocab; i += 16) {
+        const __mmask16 in = (__mmask16)(vocab - i >= 16 ? 0xFFFF : (1u << (vocab - i)) - 1);
+        const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), mx));
+        lanes = _mm512_add_ps(lanes, _mm512_maskz_mov_ps(in, e));
+      }
+      const float log_sum = std::log(_mm512_reduce_add_ps(lanes));
+      for (int64_t r = 0; r < ranks; ++r) {
+        lb[d * ranks + r] = best[r].first - top - log_sum;
+        ib[d * ranks + r] = best[r].second;
+      }
+    }
+  });
 }
 
 // Positions of `n` tokens per row (slots start[b] .. start[b] + n - 1), token i rotated as position start[b] +
@@ -247,6 +322,7 @@ void move_cache_entries(at::TensorList caches, const at::Tensor& src_in, const a
 
 TORCH_LIBRARY_FRAGMENT(multitoken, m) {
   m.def("best_tree(Tensor logp, Tensor ids, Tensor root, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("greedy_tree(Tensor logits, Tensor root, int budget, int ranks) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("tree_positions(Tensor parent, Tensor depth, Tensor start, Tensor rope) -> (Tensor, Tensor, Tensor)");
   m.def("row_positions(Tensor start, int seqlen, Tensor rope) -> (Tensor, Tensor, Tensor)");
   m.def("accept_greedy(Tensor tokens, Tensor parent, Tensor depth, Tensor target) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -255,6 +331,7 @@ TORCH_LIBRARY_FRAGMENT(multitoken, m) {
 
 TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("best_tree", best_tree);
+  m.impl("greedy_tree", greedy_tree);
   m.impl("tree_positions", tree_positions);
   m.impl("row_positions", row_positions);
   m.impl("accept_greedy", accept_greedy);
