@@ -538,15 +538,19 @@ def test_tree_acceptance_kernel_is_atens(monkeypatch):
             for i in torch.randperm(t.size, generator=g)[: t.size // 2].tolist():
                 if i:
                     target[b, t.parent[b, i]] = t.tokens[b, i]
-        fast = accept_greedy_step(t, target)
+        # Logits whose argmax is the target, a few with a later token tied for best (argmax takes the first).
+        logits = torch.randn(*t.tokens.shape, 100, generator=g).round()
+        logits.scatter_(2, target[..., None], 10.0)
+        logits[0, :, 99] = 10.0
+        fast = accept_greedy_step(t, logits)
         with monkeypatch.context() as m:
             m.setattr(kernels, "tree_ops", lambda x: False)
-            slow = accept_greedy_step(t, target)
+            slow = accept_greedy_step(t, logits)
         assert all(torch.equal(a, b) for a, b in zip(fast, slow))
         assert fast[1].max() > 0
     with pytest.raises(RuntimeError, match="must come after its parent"):
         accept_greedy_step(Tree(torch.tensor([[0, 2, 0]]), t.depth[:1, :3], t.rank[:1, :3], t.tokens[:1, :3]),
-                           target[:1, :3])
+                           logits[:1, :3])
 
 
 @needs_kernel

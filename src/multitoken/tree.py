@@ -289,11 +289,13 @@ def path_tokens(tree: Tree, path: torch.Tensor, n_acc: torch.Tensor, nxt: torch.
     return path, tokens
 
 
-def accept_greedy_step(tree: Tree, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An eager greedy step's acceptance: `accept_greedy`'s path (cut as `path_tokens` cuts it) and
-    draft counts, the next-token head's token after each row's path, and the step's tokens."""
-    if kernels.tree_ops(target):  # all of it in one call
-        return torch.ops.multitoken.accept_greedy.default(tree.tokens, tree.parent, tree.depth, target)
+def accept_greedy_step(tree: Tree, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An eager greedy step's acceptance given the next-token head's logits at every node (batch, nodes,
+    vocab) float32: `accept_greedy`'s path (cut as `path_tokens` cuts it) and draft counts, the
+    next-token head's token after each row's path, and the step's tokens."""
+    if kernels.tree_ops(logits):  # all of it, the argmax too, in one call
+        return torch.ops.multitoken.accept_greedy.default(tree.tokens, tree.parent, tree.depth, logits)
+    target = greedy_tokens(logits)
     path, n_acc = accept_greedy(tree, target)
     nxt = target.gather(1, path.gather(1, n_acc[:, None])).squeeze(1)
     path, tokens = path_tokens(tree, path, n_acc, nxt)
@@ -465,7 +467,7 @@ def generate(
         h = model.forward_trunk(tokens, tpos)
         logits0 = model.logits(model.forward_head(0, h, tpos))  # (batch, nodes, vocab)
         if greedy:
-            path, n_acc, nxt, emitted = accept_greedy_step(t, greedy_tokens(logits0))
+            path, n_acc, nxt, emitted = accept_greedy_step(t, logits0)
         else:
             p = probs_from_logits(logits0, temperature, top_p)
             path, n_acc, dist = accept_sampled(t, p, q, drafter.n_ranks)

@@ -142,20 +142,31 @@ TreeTensors greedy_tree(const at::Tensor& logits_in, const at::Tensor& root, int
   return trees(logits.size(0), heads, ranks, budget, root, [&](int64_t b, float* lb, int64_t* ib) {
     for (int64_t d = 0; d < heads; ++d) {
       const float* x = logits.const_data_ptr<float>() + (b * heads + d) * vocab;
-      // The best `ranks` as a heap whose top is the worst kept; most logits lose to it at once.
+      // The best `ranks` as a heap whose top is the worst kept: 16 logits at a time against it, most losing at once.
       best.clear();
-      float top = -INFINITY;
-      for (int64_t i = 0; i < vocab; ++i) {
-        top = std::max(top, x[i]);
-        if ((int64_t)best.size() < ranks) {
-          best.emplace_back(x[i], i);
-          std::push_heap(best.begin(), best.end(), before);
-        } else if (x[i] > best.front().first) {  // an equal logit has a higher id: it loses
+      for (int64_t i = 0; i < ranks; ++i) {
+        best.emplace_back(x[i], i);
+        std::push_heap(best.begin(), best.end(), before);
+      }
+      const auto offer = [&](int64_t i) {
+        if (x[i] > best.front().first) {  // an equal logit has a higher id: it loses
           std::pop_heap(best.begin(), best.end(), before);
           best.back() = {x[i], i};
           std::push_heap(best.begin(), best.end(), before);
         }
+      };
+      __m512 most = _mm512_set1_ps(-INFINITY);
+      for (int64_t i = 0; i < vocab; i += 16) {
+        const __mmask16 in = (__mmask16)(vocab - i >= 16 ? 0xFFFF : (1u << (vocab - i)) - 1);
+        const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, x + i);
+        most = _mm512_max_ps(most, v);
+        for (uint32_t over = _mm512_mask_cmp_ps_mask(in, v, _mm512_set1_ps(best.front().first), _CMP_GT_OQ); over;
+             over &= over - 1) {
+          const int64_t j = i + __builtin_ctz(over);
+          if (j >= ranks) offer(j);
+        }
       }
+      const float top = _mm512_reduce_max_ps(most);
       std::sort_heap(best.begin(), best.end(), before);
       // The sum in 16 float32 lanes with ATen's exp (SLEEF's, which libtorch_cpu exports), then across them.
       const __m512 mx = _mm512_set1_ps(top);
@@ -240,23 +251,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_positions(const at::Tensor& s
   return positions_of(nullptr, nullptr, start, seqlen, rope);
 }
 
-// tree.accept_greedy and what tree.generate takes of it, given the next-token head's argmax at every node
-// target (batch, nodes): the accepted path (batch, width) of node indices, root first, padded with the last
-// node past each row's draft count, width = 1 + the most drafts any row accepted; the draft counts (batch,);
-// the token after each row's path (batch,); and the step's tokens (batch, width): the path's drafts, then
-// that token (then the padding's tokens).
+// The first index of the largest of x[0 .. n) (of the first NaN, if any: torch.max's).
+int64_t argmax(const float* x, int64_t n) {
+  __m512 most = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, x + i);
+    if (_mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q)) return i + __builtin_ctz(_mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q));
+    most = _mm512_max_ps(most, v);
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(most));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    if (const __mmask16 at = _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, x + i), top, _CMP_EQ_OQ)) return i + __builtin_ctz(at);
+  }
+  return 0;
+}
+
+// tree.accept_greedy and what tree.generate takes of it, given the next-token head's logits at every node
+// (batch, nodes, vocab) float32: its argmax at each (the first of equal logits, as sampling.greedy's, a NaN
+// above all); the accepted path (batch, width) of node indices, root first, padded with the last node past
+// each row's draft count, width = 1 + the most drafts any row accepted; the draft counts (batch,); the token
+// after each row's path (batch,); and the step's tokens (batch, width): the path's drafts, then that token
+// (then the padding's tokens).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> accept_greedy(const at::Tensor& tokens_in, const at::Tensor& parent_in,
-                                                                         const at::Tensor& depth_in, const at::Tensor& target_in) {
-  TORCH_CHECK(tokens_in.dim() == 2 && parent_in.sizes() == tokens_in.sizes() && depth_in.sizes() == tokens_in.sizes() &&
-              target_in.sizes() == tokens_in.sizes(), "accept_greedy: tokens, parent, depth and target must all be (batch, nodes)");
-  for (const at::Tensor* t : {&tokens_in, &parent_in, &depth_in, &target_in})
-    TORCH_CHECK(t->scalar_type() == at::kLong, "accept_greedy: int64 tensors");
+                                                                         const at::Tensor& depth_in, const at::Tensor& logits_in) {
+  TORCH_CHECK(tokens_in.dim() == 2 && parent_in.sizes() == tokens_in.sizes() && depth_in.sizes() == tokens_in.sizes(),
+              "accept_greedy: tokens, parent and depth must all be (batch, nodes)");
+  for (const at::Tensor* t : {&tokens_in, &parent_in, &depth_in})
+    TORCH_CHECK(t->scalar_type() == at::kLong, "accept_greedy: int64 tokens, parent and depth");
+  TORCH_CHECK(logits_in.dim() == 3 && logits_in.size(0) == tokens_in.size(0) && logits_in.size(1) == tokens_in.size(1) &&
+              logits_in.size(2) >= 1 && logits_in.scalar_type() == at::kFloat,
+              "accept_greedy: logits must be (batch, nodes, vocab) float32");
   const at::Tensor tokens = tokens_in.contiguous(), parent = parent_in.contiguous(), depth = depth_in.contiguous(),
-                   target = target_in.contiguous();
-  const int64_t bsz = tokens.size(0), n = tokens.size(1);
+                   logits = logits_in.contiguous();
+  const int64_t bsz = tokens.size(0), n = tokens.size(1), vocab = logits.size(2);
   TORCH_CHECK(n >= 1, "accept_greedy: a tree has a root");
+  std::vector<int64_t> target(bsz * n);
+  for (int64_t i = 0; i < bsz * n; ++i) target[i] = argmax(logits.const_data_ptr<float>() + i * vocab, vocab);
   const int64_t *t0 = tokens.const_data_ptr<int64_t>(), *p0 = parent.const_data_ptr<int64_t>(),
-                *d0 = depth.const_data_ptr<int64_t>(), *g0 = target.const_data_ptr<int64_t>();
+                *d0 = depth.const_data_ptr<int64_t>(), *g0 = target.data();
   std::vector<uint8_t> on_path(n);
   std::vector<int64_t> best(bsz);
   at::Tensor n_acc = at::empty({bsz}, tokens.options()), next = at::empty({bsz}, tokens.options());
@@ -325,7 +359,7 @@ TORCH_LIBRARY_FRAGMENT(multitoken, m) {
   m.def("greedy_tree(Tensor logits, Tensor root, int budget, int ranks) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("tree_positions(Tensor parent, Tensor depth, Tensor start, Tensor rope) -> (Tensor, Tensor, Tensor)");
   m.def("row_positions(Tensor start, int seqlen, Tensor rope) -> (Tensor, Tensor, Tensor)");
-  m.def("accept_greedy(Tensor tokens, Tensor parent, Tensor depth, Tensor target) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("accept_greedy(Tensor tokens, Tensor parent, Tensor depth, Tensor logits) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("move_cache_entries(Tensor(a!)[] caches, Tensor src, Tensor dst) -> ()");
 }
 
