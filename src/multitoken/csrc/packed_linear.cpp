@@ -563,10 +563,11 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
                     vs0 = o.vs[0], vs1 = o.vs[1], vs2 = o.vs[2], os0 = o.os[0], os1 = o.os[1], os2 = o.os[2];
       const at::BFloat16* kb = kp + b * ks0 + kh * ks1;
       const at::BFloat16* vb = vp + b * vs0 + kh * vs1;
-      for (int64_t j = 0; j < queries; ++j) {
-        const at::BFloat16* qj = qp + b * qs0 + (kh * group + j / n_q) * qs1 + (j % n_q) * qs2;
-        for (int64_t c = 0; c < chunks; ++c) qb[j * chunks + c] = _mm512_maskz_loadu_epi16(lanes[c], qj + 32 * c);
-      }
+      for (int64_t h = 0, j = 0; h < group; ++h)
+        for (int64_t t = 0; t < n_q; ++t, ++j) {
+          const at::BFloat16* qj = qp + b * qs0 + (kh * group + h) * qs1 + t * qs2;
+          for (int64_t c = 0; c < chunks; ++c) qb[j * chunks + c] = _mm512_maskz_loadu_epi16(lanes[c], qj + 32 * c);
+        }
       // Which keys each token's queries see, 16 keys a bit mask: the keys up to its position, and of
       // those the ones its mask row allows (16 bools a load where the row is contiguous).
       for (int64_t t = 0; t < n_q; ++t) {
@@ -596,7 +597,7 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
             _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
           }
       }
-      for (int64_t j = 0; j < queries; ++j) {  // weights exp(score - max), and their total
+      for (int64_t j = 0, t = 0; j < queries; ++j, t = t + 1 == n_q ? 0 : t + 1) {  // weights exp(score - max), and their total
         float* sj = &scores[j * blocks * 16];
         __m512 most = _mm512_set1_ps(-INFINITY);  // lane by lane, then across lanes once
         for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(sj + s0));
@@ -605,7 +606,7 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
         // sum whether those keys sit in consecutive slots (a chain) or among others' (a draft tree's node
         // and its ancestors), where summing by slot would put them in other lanes and round otherwise.
         const __m512 mx = _mm512_set1_ps(top > -INFINITY ? top : 0.0f);
-        const __mmask16* seen_t = seen + (j % n_q) * blocks;
+        const __mmask16* seen_t = seen + t * blocks;
         int64_t count = 0;
         for (int64_t s0 = 0, kb0 = 0; s0 < blocks * 16; s0 += 16, ++kb0) {
           const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mx));
@@ -625,13 +626,14 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
         const int64_t nj = std::min(chunk, queries - j0);
         weighted_values_fn(vecs, nj)(vb, vs2, keys, scores + j0 * blocks * 16, blocks * 16, vecs, nj, acc + j0 * dim);
       }
-      for (int64_t j = 0; j < queries; ++j) {
-        // A query that sees no key (never in a decoding step) gets zeros rather than NaNs.
-        const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
-        at::BFloat16* oj = op + b * os0 + (kh * group + j / n_q) * os1 + (j % n_q) * os2;
-        for (int64_t c = 0; c < vecs; ++c)
-          _mm256_storeu_si256((__m256i*)(oj + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&acc[j * dim + 16 * c]), inv)));
-      }
+      for (int64_t h = 0, j = 0; h < group; ++h)
+        for (int64_t t = 0; t < n_q; ++t, ++j) {
+          // A query that sees no key (never in a decoding step) gets zeros rather than NaNs.
+          const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
+          at::BFloat16* oj = op + b * os0 + (kh * group + h) * os1 + t * os2;
+          for (int64_t c = 0; c < vecs; ++c)
+            _mm256_storeu_si256((__m256i*)(oj + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&acc[j * dim + 16 * c]), inv)));
+        }
     }
     if (configured) release_tiles();
   });
@@ -709,8 +711,8 @@ at::Tensor silu_mul(const at::Tensor& x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   // Two threads pay from about 8 rows of the shipped model's 768: exp is the cost.
   at::parallel_for(0, rows * vectors, 512, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / vectors, c = i % vectors * kBlock;
+    for (int64_t i = i0, r = i0 / vectors, c = i0 % vectors * kBlock; i < i1; ++i, c += kBlock) {
+      if (c == hidden) r += 1, c = 0;  // (a division per vector cost as much as half its exp)
       const __m512 g = load_bf16(x0 + r * 2 * hidden + c);
       const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN))));
       const __m512 act = exact_round_bf16(_mm512_div_round_ps(g, _mm512_add_round_ps(one, e, kNearest), kNearest));
@@ -791,22 +793,29 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& table) {
   const int64_t tokens = table.numel() / (2 * dim);
   for (int64_t i = 1; i <= table.dim() - 3; ++i)
     TORCH_CHECK(table.size(-3 - i) == x.size(-2 - i), "rope: the table's rows do not match x's tokens");
-  const at::Tensor x4 = x.reshape({-1, tokens, heads, dim}).contiguous();
+  // x as it lies (a view of the q/k/v product's output, most often: no copy), rows of head_dim contiguous.
+  at::Tensor x4 = x.reshape({-1, tokens, heads, dim});
+  if (x4.stride(3) != 1) x4 = x4.contiguous();
   const at::Tensor tab = table.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   auto* y = out.mutable_data_ptr<at::BFloat16>();
   const auto* x0 = x4.const_data_ptr<at::BFloat16>();
   const float* t0 = tab.const_data_ptr<float>();
-  const int64_t vectors = x4.numel() / kBlock, per_token = heads * dim / kBlock;
-  for (int64_t j = 0; j < vectors; ++j) {
-    const int64_t t = j / per_token % tokens, i = j * kBlock % dim;
-    const float* cos = t0 + t * 2 * dim + i;
-    const __m512 v = load_bf16(x0 + j * kBlock);
-    const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (x1, x0) for every pair (x0, x1)
-    store_bf16(y + j * kBlock, _mm512_add_round_ps(_mm512_mul_round_ps(v, _mm512_loadu_ps(cos), kNearest),
-                                                   _mm512_mul_round_ps(swapped, _mm512_loadu_ps(cos + dim), kNearest),
-                                                   kNearest));
-  }
+  const int64_t outer = x4.size(0), xs0 = x4.stride(0), xs1 = x4.stride(1), xs2 = x4.stride(2);
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        const at::BFloat16* xr = x0 + o * xs0 + t * xs1 + h * xs2;
+        at::BFloat16* yr = y + ((o * tokens + t) * heads + h) * dim;
+        for (int64_t i = 0; i < dim; i += kBlock) {
+          const float* cos = t0 + t * 2 * dim + i;
+          const __m512 v = load_bf16(xr + i);
+          const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (x1, x0) for every pair (x0, x1)
+          store_bf16(yr + i, _mm512_add_round_ps(_mm512_mul_round_ps(v, _mm512_loadu_ps(cos), kNearest),
+                                                 _mm512_mul_round_ps(swapped, _mm512_loadu_ps(cos + dim), kNearest),
+                                                 kNearest));
+        }
+      }
   return out;
 }
 
