@@ -510,6 +510,125 @@ AttentionOperands attention_operands(const at::Tensor& q, const at::Tensor& k, c
   return o;
 }
 
+// What attend's threads share: the sizes, the mask and how scores are computed.
+struct AttendShape {
+  int64_t batch, kv_heads, group, n_q, queries, keys, blocks, dim, vecs, chunks, ms0, ms2, ms3;
+  const bool* mp;
+  bool causal, amx_qk;
+  float scale;
+  KeyBlockFn dot_block;
+  __mmask32 lanes[8];
+};
+
+// attend's work items i0 .. i1 - 1 (a layer, row and kv head each) in one thread. The sizes are locals
+// here: the intrinsics' stores may alias anything, and sizes read through the lambda's references were
+// read from memory again at every score.
+void attend_items(const std::vector<AttentionOperands>& sets, const AttendShape& shape, int64_t i0, int64_t i1) {
+  const int64_t batch = shape.batch, kv_heads = shape.kv_heads, group = shape.group, n_q = shape.n_q,
+                queries = shape.queries, keys = shape.keys, blocks = shape.blocks, dim = shape.dim, vecs = shape.vecs,
+                chunks = shape.chunks, ms0 = shape.ms0, ms2 = shape.ms2, ms3 = shape.ms3;
+  const bool* const mp = shape.mp;
+  const bool causal = shape.causal, amx_qk = shape.amx_qk;
+  const float scale = shape.scale;
+  const KeyBlockFn dot_block = shape.dot_block;
+  __mmask32 lanes[8];
+  std::copy(shape.lanes, shape.lanes + 8, lanes);
+  int64_t configured = 0;  // the AMX tiles' query count in this thread (0: not set)
+  // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
+  // Each thread's buffers are kept between calls.
+  thread_local std::vector<float> scores_buf, acc_buf, total_buf, visible_buf;
+  thread_local std::vector<__m512i> qb_buf;
+  thread_local std::vector<__mmask16> seen_buf;
+  scores_buf.resize(queries * blocks * 16), acc_buf.resize(queries * dim), qb_buf.resize(queries * chunks);
+  total_buf.resize(queries), seen_buf.resize(n_q * blocks), visible_buf.resize(blocks * 16);
+  // Plain pointers: each use of a thread_local in a shared library can cost a call to find it.
+  float *scores = scores_buf.data(), *acc = acc_buf.data(), *total = total_buf.data(), *visible = visible_buf.data();
+  __m512i* qb = qb_buf.data();  // each query's bf16 values, 32 a vector (zeros past head_dim)
+  __mmask16* seen = seen_buf.data();
+  for (int64_t i = i0; i < i1; ++i) {
+    const AttentionOperands& o = sets[i / (batch * kv_heads)];
+    const int64_t b = i / kv_heads % batch, kh = i % kv_heads;
+    const at::BFloat16 *qp = o.q, *kp = o.k, *vp = o.v;
+    at::BFloat16* op = o.out;
+    const int64_t qs0 = o.qs[0], qs1 = o.qs[1], qs2 = o.qs[2], ks0 = o.ks[0], ks1 = o.ks[1], ks2 = o.ks[2],
+                  vs0 = o.vs[0], vs1 = o.vs[1], vs2 = o.vs[2], os0 = o.os[0], os1 = o.os[1], os2 = o.os[2];
+    const at::BFloat16* kb = kp + b * ks0 + kh * ks1;
+    const at::BFloat16* vb = vp + b * vs0 + kh * vs1;
+    for (int64_t h = 0, j = 0; h < group; ++h)
+      for (int64_t t = 0; t < n_q; ++t, ++j) {
+        const at::BFloat16* qj = qp + b * qs0 + (kh * group + h) * qs1 + t * qs2;
+        for (int64_t c = 0; c < chunks; ++c) qb[j * chunks + c] = _mm512_maskz_loadu_epi16(lanes[c], qj + 32 * c);
+      }
+    // Which keys each token's queries see, 16 keys a bit mask: the keys up to its position, and of
+    // those the ones its mask row allows (16 bools a load where the row is contiguous).
+    for (int64_t t = 0; t < n_q; ++t) {
+      const int64_t last = causal ? keys - n_q + t : keys - 1;
+      const bool* mt = mp + b * ms0 + t * ms2;
+      for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
+        const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
+        uint32_t bits = (1u << std::clamp<int64_t>(last - s0 + 1, 0, n)) - 1;
+        if (!causal && ms3 == 1) {
+          const __m128i row = _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), mt + s0);
+          bits &= _mm_test_epi8_mask(row, row);
+        } else if (!causal) {
+          for (int64_t r = 0; r < n; ++r) bits &= ~((uint32_t)!mt[(s0 + r) * ms3] << r);
+        }
+        seen[t * blocks + kb0] = (__mmask16)bits;
+      }
+    }
+    if (amx_qk) amx_scores(qb, chunks, queries, kb, ks2, keys, scores, blocks * 16, configured);
+    for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
+      const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
+      for (int64_t h = 0, j = 0; h < group; ++h)  // query j: head h of the group, token t
+        for (int64_t t = 0; t < n_q; ++t, ++j) {
+          const __m512 dots = amx_qk ? _mm512_loadu_ps(&scores[j * blocks * 16 + s0])
+                                     : dot_block((const __m512bh*)&qb[j * chunks], kb + s0 * ks2, ks2, n, lanes);
+          const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[t * blocks + kb0],
+                                               _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
+          _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
+        }
+    }
+    for (int64_t j = 0, t = 0; j < queries; ++j, t = t + 1 == n_q ? 0 : t + 1) {  // weights exp(score - max), and their total
+      float* sj = &scores[j * blocks * 16];
+      __m512 most = _mm512_set1_ps(-INFINITY);  // lane by lane, then across lanes once
+      for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(sj + s0));
+      const float top = _mm512_reduce_max_ps(most);
+      // The total runs over the weights of the keys the query sees, gathered in key order first: the same
+      // sum whether those keys sit in consecutive slots (a chain) or among others' (a draft tree's node
+      // and its ancestors), where summing by slot would put them in other lanes and round otherwise.
+      const __m512 mx = _mm512_set1_ps(top > -INFINITY ? top : 0.0f);
+      const __mmask16* seen_t = seen + t * blocks;
+      int64_t count = 0;
+      for (int64_t s0 = 0, kb0 = 0; s0 < blocks * 16; s0 += 16, ++kb0) {
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mx));
+        _mm512_storeu_ps(sj + s0, e);
+        _mm512_mask_compressstoreu_ps(visible + count, seen_t[kb0], e);
+        count += __builtin_popcount(seen_t[kb0]);
+      }
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t s0 = 0; s0 < count; s0 += 16)
+        sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps((__mmask16)(count - s0 >= 16 ? 0xFFFF : (1u << (count - s0)) - 1),
+                                                       visible + s0));
+      total[j] = _mm512_reduce_add_ps(sum);
+    }
+    // Each query's weighted sum of the values in registers, a chunk of queries per pass over the values.
+    const int64_t chunk = std::max<int64_t>(1, 16 / vecs);
+    for (int64_t j0 = 0; j0 < queries; j0 += chunk) {
+      const int64_t nj = std::min(chunk, queries - j0);
+      weighted_values_fn(vecs, nj)(vb, vs2, keys, scores + j0 * blocks * 16, blocks * 16, vecs, nj, acc + j0 * dim);
+    }
+    for (int64_t h = 0, j = 0; h < group; ++h)
+      for (int64_t t = 0; t < n_q; ++t, ++j) {
+        // A query that sees no key (never in a decoding step) gets zeros rather than NaNs.
+        const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
+        at::BFloat16* oj = op + b * os0 + (kh * group + h) * os1 + t * os2;
+        for (int64_t c = 0; c < vecs; ++c)
+          _mm256_storeu_si256((__m256i*)(oj + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&acc[j * dim + 16 * c]), inv)));
+      }
+  }
+  if (configured) release_tiles();
+}
+
 // Attention of a few queries per row over a cache span for one or more layers' operands of the same
 // shapes (scores from the bf16 queries and keys as they are, products summed in float32 by AMX tiles
 // where the CPU has them and head_dim is a multiple of 32, else by vdpbf16ps;
@@ -541,102 +660,11 @@ void attend(const std::vector<AttentionOperands>& sets, const at::Tensor& q, con
   // keys for all of a kv head's queries. The shipped model's block (bench_kernels, 144 keys): 1 query
   // 5.6 -> 6.6 us (the tiles' fixed cost), 4 queries 9.7 -> 9.3, 9 17.4 -> 14.0, 17 30.9 -> 21.1.
   const bool amx_qk = dim % 32 == 0 && amx_available();
-  at::parallel_for(0, (int64_t)sets.size() * batch * kv_heads, grain, [&](int64_t i0, int64_t i1) {
-    int64_t configured = 0;  // the AMX tiles' query count in this thread (0: not set)
-    // Per query (j = head in the group * n_q + token): its scores, then weights, over every key; its sums.
-    // Each thread's buffers are kept between calls.
-    thread_local std::vector<float> scores_buf, acc_buf, total_buf, visible_buf;
-    thread_local std::vector<__m512i> qb_buf;
-    thread_local std::vector<__mmask16> seen_buf;
-    scores_buf.resize(queries * blocks * 16), acc_buf.resize(queries * dim), qb_buf.resize(queries * chunks);
-    total_buf.resize(queries), seen_buf.resize(n_q * blocks), visible_buf.resize(blocks * 16);
-    // Plain pointers: each use of a thread_local in a shared library can cost a call to find it.
-    float *scores = scores_buf.data(), *acc = acc_buf.data(), *total = total_buf.data(), *visible = visible_buf.data();
-    __m512i* qb = qb_buf.data();  // each query's bf16 values, 32 a vector (zeros past head_dim)
-    __mmask16* seen = seen_buf.data();
-    for (int64_t i = i0; i < i1; ++i) {
-      const AttentionOperands& o = sets[i / (batch * kv_heads)];
-      const int64_t b = i / kv_heads % batch, kh = i % kv_heads;
-      const at::BFloat16 *qp = o.q, *kp = o.k, *vp = o.v;
-      at::BFloat16* op = o.out;
-      const int64_t qs0 = o.qs[0], qs1 = o.qs[1], qs2 = o.qs[2], ks0 = o.ks[0], ks1 = o.ks[1], ks2 = o.ks[2],
-                    vs0 = o.vs[0], vs1 = o.vs[1], vs2 = o.vs[2], os0 = o.os[0], os1 = o.os[1], os2 = o.os[2];
-      const at::BFloat16* kb = kp + b * ks0 + kh * ks1;
-      const at::BFloat16* vb = vp + b * vs0 + kh * vs1;
-      for (int64_t h = 0, j = 0; h < group; ++h)
-        for (int64_t t = 0; t < n_q; ++t, ++j) {
-          const at::BFloat16* qj = qp + b * qs0 + (kh * group + h) * qs1 + t * qs2;
-          for (int64_t c = 0; c < chunks; ++c) qb[j * chunks + c] = _mm512_maskz_loadu_epi16(lanes[c], qj + 32 * c);
-        }
-      // Which keys each token's queries see, 16 keys a bit mask: the keys up to its position, and of
-      // those the ones its mask row allows (16 bools a load where the row is contiguous).
-      for (int64_t t = 0; t < n_q; ++t) {
-        const int64_t last = causal ? keys - n_q + t : keys - 1;
-        const bool* mt = mp + b * ms0 + t * ms2;
-        for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
-          const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
-          uint32_t bits = (1u << std::clamp<int64_t>(last - s0 + 1, 0, n)) - 1;
-          if (!causal && ms3 == 1) {
-            const __m128i row = _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), mt + s0);
-            bits &= _mm_test_epi8_mask(row, row);
-          } else if (!causal) {
-            for (int64_t r = 0; r < n; ++r) bits &= ~((uint32_t)!mt[(s0 + r) * ms3] << r);
-          }
-          seen[t * blocks + kb0] = (__mmask16)bits;
-        }
-      }
-      if (amx_qk) amx_scores(qb, chunks, queries, kb, ks2, keys, scores, blocks * 16, configured);
-      for (int64_t kb0 = 0; kb0 < blocks; ++kb0) {
-        const int64_t s0 = kb0 * 16, n = std::min<int64_t>(16, keys - s0);
-        for (int64_t h = 0, j = 0; h < group; ++h)  // query j: head h of the group, token t
-          for (int64_t t = 0; t < n_q; ++t, ++j) {
-            const __m512 dots = amx_qk ? _mm512_loadu_ps(&scores[j * blocks * 16 + s0])
-                                       : dot_block((const __m512bh*)&qb[j * chunks], kb + s0 * ks2, ks2, n, lanes);
-            const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen[t * blocks + kb0],
-                                                 _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
-            _mm512_storeu_ps(&scores[j * blocks * 16 + s0], sc);
-          }
-      }
-      for (int64_t j = 0, t = 0; j < queries; ++j, t = t + 1 == n_q ? 0 : t + 1) {  // weights exp(score - max), and their total
-        float* sj = &scores[j * blocks * 16];
-        __m512 most = _mm512_set1_ps(-INFINITY);  // lane by lane, then across lanes once
-        for (int64_t s0 = 0; s0 < blocks * 16; s0 += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(sj + s0));
-        const float top = _mm512_reduce_max_ps(most);
-        // The total runs over the weights of the keys the query sees, gathered in key order first: the same
-        // sum whether those keys sit in consecutive slots (a chain) or among others' (a draft tree's node
-        // and its ancestors), where summing by slot would put them in other lanes and round otherwise.
-        const __m512 mx = _mm512_set1_ps(top > -INFINITY ? top : 0.0f);
-        const __mmask16* seen_t = seen + t * blocks;
-        int64_t count = 0;
-        for (int64_t s0 = 0, kb0 = 0; s0 < blocks * 16; s0 += 16, ++kb0) {
-          const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mx));
-          _mm512_storeu_ps(sj + s0, e);
-          _mm512_mask_compressstoreu_ps(visible + count, seen_t[kb0], e);
-          count += __builtin_popcount(seen_t[kb0]);
-        }
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t s0 = 0; s0 < count; s0 += 16)
-          sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps((__mmask16)(count - s0 >= 16 ? 0xFFFF : (1u << (count - s0)) - 1),
-                                                         visible + s0));
-        total[j] = _mm512_reduce_add_ps(sum);
-      }
-      // Each query's weighted sum of the values in registers, a chunk of queries per pass over the values.
-      const int64_t chunk = std::max<int64_t>(1, 16 / vecs);
-      for (int64_t j0 = 0; j0 < queries; j0 += chunk) {
-        const int64_t nj = std::min(chunk, queries - j0);
-        weighted_values_fn(vecs, nj)(vb, vs2, keys, scores + j0 * blocks * 16, blocks * 16, vecs, nj, acc + j0 * dim);
-      }
-      for (int64_t h = 0, j = 0; h < group; ++h)
-        for (int64_t t = 0; t < n_q; ++t, ++j) {
-          // A query that sees no key (never in a decoding step) gets zeros rather than NaNs.
-          const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
-          at::BFloat16* oj = op + b * os0 + (kh * group + h) * os1 + t * os2;
-          for (int64_t c = 0; c < vecs; ++c)
-            _mm256_storeu_si256((__m256i*)(oj + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&acc[j * dim + 16 * c]), inv)));
-        }
-    }
-    if (configured) release_tiles();
-  });
+  AttendShape shape{batch, kv_heads, group, n_q, queries, keys, blocks, dim, vecs, chunks, ms0, ms2, ms3, mp, causal,
+                    amx_qk, scale, dot_block, {}};
+  std::copy(lanes, lanes + 8, shape.lanes);
+  at::parallel_for(0, (int64_t)sets.size() * batch * kv_heads, grain,
+                   [&](int64_t i0, int64_t i1) { attend_items(sets, shape, i0, i1); });
 }
 
 // Laid out (..., batch, n_q, heads, dim): the output projection reads it as (..., batch, n_q, heads * dim)
