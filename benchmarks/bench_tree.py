@@ -1,6 +1,6 @@
 """Chain vs tree drafting at batch 1, greedy, over several prompts, modes interleaved per prompt.
 
-    python benchmarks/bench_tree.py --ckpt-dir CKPT [--tokenizer-path FILE] [--prompts 4] [--trees 4 8 16]
+    python benchmarks/bench_tree.py --ckpt-dir CKPT [--tokenizer-path FILE] [--prompts 4] [--trees 8 12 16]
         [--prompt-len 64] [--new-tokens 64] [--headroom N] [--threads 1] [--compile] [--compare-kernels]
 
 `multitoken bench --tree N` compares one tree with the chain at several batch sizes; this compares
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--tokenizer-path", type=Path, help="default: CKPT/tokenizer.model")
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--trees", type=int, nargs="+", default=[4, 8, 16], help="dynamic tree node budgets")
+    p.add_argument("--trees", type=int, nargs="+", default=[8, 12, 16], help="dynamic tree node budgets")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--headroom", type=int, default=None,

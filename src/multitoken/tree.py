@@ -32,6 +32,12 @@ sampling step from the current p and q, so by induction the node's token follows
 child passes, the token is drawn from the final p. Topologies are fixed before the draws (a dynamic
 tree scores the sorted probabilities of q, not the drawn tokens), so which children exist never depends
 on what they hold; siblings always hold consecutive ranks, so no draw is skipped.
+
+Eagerly on a CPU with `multitoken.kernels`, the bookkeeping between forwards (choosing a dynamic tree,
+its positions and mask, greedy acceptance, moving cache entries) is a kernel call each (`csrc/tree.cpp`,
+where `kernels.tree_ops`): in ATen it is tens of operator calls on a few dozen numbers, about as long
+as the trunk's extra work for the tree's tokens. The functions here are the same computations in ATen:
+the reference, and what compiled steps and GPUs run.
 """
 
 from __future__ import annotations
