@@ -522,6 +522,13 @@ def test_greedy_tree_kernel_ranks_equal_logits_as_argmax_does():
     assert parent[0].tolist()[:3] == [0, 0, 1] and depth[0].tolist()[:3] == [0, 1, 2]
     with pytest.raises(RuntimeError, match="ranks must be in 1 .. 4"):
         torch.ops.multitoken.greedy_tree(logits, torch.tensor([9]), 4, 5)
+    # A broken model's NaNs rank last and the tree is still a tree (sorting NaNs has no order to follow).
+    broken = torch.randn(2, 3, 50)
+    broken[0, :, :7] = float("nan")
+    broken[1, 1] = float("nan")
+    tokens, parent, depth, rank = torch.ops.multitoken.greedy_tree(broken, torch.tensor([1, 2]), 12, 12)
+    assert (parent[:, 1:] < torch.arange(1, 13)).all() and (depth[:, 1:] >= 1).all()
+    assert not set(tokens[0, 1:4].tolist()) & set(range(7))  # the chain holds no NaN's token
 
 
 @needs_kernel

@@ -113,16 +113,17 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None) 
         return torch.empty(max_seq_len, 2, 1, head_dim, device=device)
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
-    threads = torch.get_num_threads()
-    if angles.is_cpu and threads > 1:
+    threads = torch.get_num_threads() if angles.is_cpu else 1
+    if threads > 1:
         # On one thread: a process's first float32 cos or sin on the CPU, split between threads, has given
-        # the second thread's share with errors of ~1e-4 (torch 2.13, 2 threads: one process in four), and
-        # then every position past the middle of the table rotated wrongly for the model's lifetime.
+        # the second thread's share with errors of ~1e-4 (torch 2.13, 2 threads: one process in three),
+        # and then every position past the middle of the table rotated wrongly for the model's lifetime.
         torch.set_num_threads(1)
     try:
         cos, sin = angles.cos(), angles.sin()
     finally:
-        torch.set_num_threads(threads)
+        if threads > 1:
+            torch.set_num_threads(threads)
     pairs = torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)], dim=1)
     return pairs.flatten(-2).unsqueeze(-2)
 

@@ -1,11 +1,11 @@
 // A draft tree's bookkeeping between two forwards (multitoken/tree.py; multitoken/kernels.py: `tree_ops`),
-// each as one call: choosing the tree from the heads' candidates (`best_tree`), its positions and attention
-// mask (`tree_positions`; `row_positions` for a chain's), the greedy acceptance (`accept_greedy`) and moving the accepted path's cached
-// keys and values into place (`move_cache_entries`). In ATen these are 20-60 operator calls each on tensors
-// of a few dozen numbers: ~0.5 ms of a tree step on a 2-core CPU, where the chain's bookkeeping is a few
-// calls. Each gives what tree.py's ATen version gives (tests/test_kernels.py compares them).
+// each as one call: choosing the tree from the heads' logits or candidates (`greedy_tree`, `best_tree`),
+// its positions and attention mask (`tree_positions`; `row_positions` for a chain's), the greedy
+// acceptance (`accept_greedy`) and moving the accepted path's cached keys and values into place
+// (`move_cache_entries`). In ATen these are 10-60 operator calls each on tensors of a few dozen numbers:
+// ~0.5 ms of a tree step on a 2-core CPU, where the chain's bookkeeping is a few calls. Each gives what
+// tree.py's ATen version gives (tests/test_kernels.py compares them).
 #include <ATen/core/Tensor.h>
-#include <immintrin.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -48,8 +49,10 @@ void row_tree(const float* lb, const int64_t* ib, int64_t heads, int64_t ranks, 
   std::vector<double> lp(heads * ranks), beam(1, 0.0), expanded, score(total);
   std::vector<int64_t> order, cand_parent(total), cand_depth(total), cand_rank(total), node_of(total + 1, 0);
   for (int64_t d = 0; d < heads; ++d)
-    for (int64_t r = 0; r < ranks; ++r)  // ATen: logp.double().clamp_min(-1e4) - 1e-6 * arange(1, ranks + 1) (float32)
-      lp[d * ranks + r] = std::max((double)lb[d * ranks + r], -1e4) - (double)((float)(r + 1) * 1e-6f);
+    for (int64_t r = 0; r < ranks; ++r) {  // ATen: logp.double().clamp_min(-1e4) - 1e-6 * arange(1, ranks + 1) (float32)
+      const double v = lb[d * ranks + r];  // a NaN (a broken model's) as the least likely: sorts need an order
+      lp[d * ranks + r] = (std::isnan(v) ? -1e4 : std::max(v, -1e4)) - (double)((float)(r + 1) * 1e-6f);
+    }
   int64_t first_id = 0, made = 0;  // the beam's candidate ids are first_id .. (0: the root)
   for (int64_t d = 0; d < heads; ++d) {
     const int64_t m = (int64_t)beam.size(), keep = shape.kept[d];
@@ -145,7 +148,7 @@ TreeTensors greedy_tree(const at::Tensor& logits_in, const at::Tensor& root, int
       // The best `ranks` as a heap whose top is the worst kept: 16 logits at a time against it, most losing at once.
       best.clear();
       for (int64_t i = 0; i < ranks; ++i) {
-        best.emplace_back(x[i], i);
+        best.emplace_back(std::isnan(x[i]) ? -INFINITY : x[i], i);  // (later NaNs never pass the test below)
         std::push_heap(best.begin(), best.end(), before);
       }
       const auto offer = [&](int64_t i) {
