@@ -170,3 +170,18 @@ def test_bench_retire_times_rows_leaving_and_kept_beside_plain(tiny_ckpt):
     modes = [line.rsplit(None, 2)[0] for line in result.stdout.splitlines()[-4:-1]]
     assert modes == ["plain", "rows leave", "rows kept"], result.stdout
     assert result.stdout.splitlines()[-1] == "greedy identical: yes"
+
+
+def test_bench_tree_sets_each_tree_beside_the_chain_and_finds_greedy_identical(tiny_ckpt):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_tree.py"), "--ckpt-dir", str(tiny_ckpt), "--prompts", "2",
+           "--trees", "2", "4", "--prompt-len", "8", "--new-tokens", "10"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()
+            if line.startswith(("plain", "chain", "tree"))}
+    assert list(rows) == ["plain", "chain", "tree 2", "tree 4"], result.stdout
+    assert len(rows["chain"]) == 4 and len(rows["tree 4"]) == 7, result.stdout  # trees: tok/s and tau against the chain
+    tau = {mode: float(row[-2] if mode.startswith("tree") else row[-1]) for mode, row in rows.items()}
+    assert tau["plain"] == 1.0 and tau["tree 4"] >= 1.0
+    assert rows["tree 4"][-1] == f"{tau['tree 4'] / tau['chain'] - 1:+.1%}", result.stdout
+    assert "greedy identical: yes" in result.stdout
