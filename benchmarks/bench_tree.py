@@ -6,10 +6,11 @@
 `multitoken bench --tree N` compares one tree with the chain at several batch sizes; this compares
 several tree budgets at batch 1, summing tokens, forwards and seconds over the prompts (the openings
 of held-out standard library modules), and sets each tree's tokens/s and tau beside the chain's. tau is
-exact; tokens/s is one timed pass per prompt after a warm-up, so noisy on a shared machine. Greedy output is checked against plain decoding. The cache
-holds --headroom slots past the last new token, as a server's cache has room past one request: a step
-whose tree (or chain) would pass the end of the cache runs eagerly, and without headroom the last
-steps of every prompt would (a tree of 8 needs 9 free slots, the chain 4). With
+exact; tokens/s is one timed pass per prompt after a warm-up, so noisy on a shared machine. Greedy
+output is checked against plain decoding. The cache holds --headroom slots past the last new token, as
+a server's cache has room past one request: a step whose tree (or chain) would pass the end of the
+cache runs eagerly, and without headroom the last steps of every prompt would (a tree of 8 needs 9
+free slots, the chain 4). With
 --compile every mode decodes with compiled steps (the chain's fused step, the tree's
 `greedy_tree_step`), each compiled in a warm-up before timing. --compare-kernels runs every mode on
 two copies of the model, ATen's bf16 products and attention against `multitoken.kernels`' (which make
