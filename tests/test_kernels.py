@@ -558,6 +558,9 @@ def test_tree_acceptance_kernel_is_atens(monkeypatch):
     with pytest.raises(RuntimeError, match="must come after its parent"):
         accept_greedy_step(Tree(torch.tensor([[0, 2, 0]]), t.depth[:1, :3], t.rank[:1, :3], t.tokens[:1, :3]),
                            logits[:1, :3])
+    with pytest.raises(RuntimeError, match="one deeper"):  # a depth the path could not be climbed by
+        accept_greedy_step(Tree(torch.tensor([[0, 0, 1]]), torch.tensor([[0, 1, 9]]), t.rank[:1, :3], t.tokens[:1, :3]),
+                           logits[:1, :3])
 
 
 @needs_kernel

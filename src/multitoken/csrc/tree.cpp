@@ -260,7 +260,7 @@ int64_t argmax(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 in = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
     const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, x + i);
-    if (_mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q)) return i + __builtin_ctz(_mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q));
+    if (const __mmask16 nan = _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q)) return i + __builtin_ctz(nan);
     most = _mm512_max_ps(most, v);
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(most));
@@ -303,8 +303,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> accept_greedy(const a
     const int64_t *tb = t0 + b * n, *pb = p0 + b * n, *db = d0 + b * n, *gb = g0 + b * n;
     on_path[0] = 1;
     best[b] = 0;
+    TORCH_CHECK(db[0] == 0, "accept_greedy: the root's depth must be 0, got ", db[0]);
     for (int64_t i = 1; i < n; ++i) {
-      TORCH_CHECK(pb[i] >= 0 && pb[i] < i, "accept_greedy: node ", i, " must come after its parent (parent ", pb[i], ")");
+      TORCH_CHECK(pb[i] >= 0 && pb[i] < i && db[i] == db[pb[i]] + 1, "accept_greedy: node ", i,
+                  " must come after its parent, one deeper (parent ", pb[i], ", depth ", db[i], ")");
       on_path[i] = on_path[pb[i]] && tb[i] == gb[pb[i]];
       if (on_path[i] && db[i] > db[best[b]]) best[b] = i;  // the deepest, the first of equals (an argmax)
     }
