@@ -57,6 +57,8 @@ def test_generate_says_when_it_builds_the_bf16_kernels(tiny_ckpt, tmp_path, caps
     for other in (["--ckpt-dir", str(bf16), "--dtype", "float32"], ["--ckpt-dir", str(tiny_ckpt)]):
         main(["generate", *other, *argv])  # not asked for bf16, or float32 weights: nothing to build
         assert "building" not in capsys.readouterr().err
+    main(["generate", "--ckpt-dir", str(tiny_ckpt), "--tree", "4", *argv])  # a tree's bookkeeping runs in them
+    assert "[building multitoken's bf16 CPU kernels" in capsys.readouterr().err
 
 
 @pytest.mark.slow

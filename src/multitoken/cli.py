@@ -40,7 +40,7 @@ def generate(
         raise SystemExit("error: no prompt given: pass PROMPT arguments or --prompts-file FILE")
     ckpt_dir = ckpt_dir or default_ckpt_dir()
     tokenizer_path = tokenizer_path or _find_tokenizer(ckpt_dir)
-    _say_if_building_kernels(ckpt_dir, device, dtype)
+    _say_if_building_kernels(ckpt_dir, device, dtype, tree)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, seed=seed,
                         device=device, dtype=dtype, compile=compile)
     if speculative is None:  # on whenever the model has heads to draft with
@@ -360,7 +360,7 @@ def bench(
 
     png = png or (ckpt_dir / "speed.png" if ckpt_dir else Path("speed.png"))  # not into the installed package
     ckpt_dir = ckpt_dir or default_ckpt_dir()
-    _say_if_building_kernels(ckpt_dir, device, dtype)
+    _say_if_building_kernels(ckpt_dir, device, dtype, tree)
     llama = Llama.build(ckpt_dir, tokenizer_path or _find_tokenizer(ckpt_dir),
                         max_seq_len=prompt_len + new_tokens + cache_room(tree),
                         max_batch_size=max(batch_sizes), device=device, dtype=dtype, compile=compile)
@@ -447,16 +447,17 @@ def _find_tokenizer(ckpt_dir: Path) -> Path:
     )
 
 
-def _say_if_building_kernels(ckpt_dir: Path, device: str | None, dtype: str | None) -> None:
-    """--dtype auto on a CPU builds the bf16 kernels for bf16 weights the first time (~10 s): say so
-    before the pause."""
+def _say_if_building_kernels(ckpt_dir: Path, device: str | None, dtype: str | None,
+                             tree: int | list[list[int]] | None = None) -> None:
+    """On a CPU the kernels are built the first time (~10 s) for bf16 weights with --dtype auto, and for
+    tree drafting (its bookkeeping runs in them whatever the dtype): say so before the pause."""
     from multitoken import kernels
     from multitoken.checkpoint import stored_dtype
     from multitoken.generation import default_device_and_dtype
 
     on_cpu = default_device_and_dtype(device, None)[0].type == "cpu"
-    if (dtype == "auto" and on_cpu and kernels.supported() and not kernels.built()
-            and stored_dtype(ckpt_dir) == torch.bfloat16):
+    if on_cpu and kernels.supported() and not kernels.built() and (
+            tree is not None or dtype == "auto" and stored_dtype(ckpt_dir) == torch.bfloat16):
         print("[building multitoken's bf16 CPU kernels: once, ~10 s]", file=sys.stderr, flush=True)
 
 
