@@ -23,6 +23,9 @@ extern "C" __m512 Sleef_expf16_u10(__m512);
 
 namespace {
 
+// The lanes of the 16 floats from x[i] that lie before x[n].
+inline __mmask16 lanes_before(int64_t n, int64_t i) { return (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1); }
+
 // How many candidates each depth of a dynamic tree keeps (the best `budget` expansions of the depth
 // before), in all, and the tree's nodes: the same for every row.
 struct TreeShape {
@@ -160,7 +163,7 @@ TreeTensors greedy_tree(const at::Tensor& logits_in, const at::Tensor& root, int
       };
       __m512 most = _mm512_set1_ps(-INFINITY);
       for (int64_t i = 0; i < vocab; i += 16) {
-        const __mmask16 in = (__mmask16)(vocab - i >= 16 ? 0xFFFF : (1u << (vocab - i)) - 1);
+        const __mmask16 in = lanes_before(vocab, i);
         const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, x + i);
         most = _mm512_max_ps(most, v);
         for (uint32_t over = _mm512_mask_cmp_ps_mask(in, v, _mm512_set1_ps(best.front().first), _CMP_GT_OQ); over;
@@ -175,7 +178,7 @@ TreeTensors greedy_tree(const at::Tensor& logits_in, const at::Tensor& root, int
       const __m512 mx = _mm512_set1_ps(top);
       __m512 lanes = _mm512_setzero_ps();
       for (int64_t i = 0; i < vocab; i += 16) {
-        const __mmask16 in = (__mmask16)(vocab - i >= 16 ? 0xFFFF : (1u << (vocab - i)) - 1);
+        const __mmask16 in = lanes_before(vocab, i);
         const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), mx));
         lanes = _mm512_add_ps(lanes, _mm512_maskz_mov_ps(in, e));
       }
@@ -258,14 +261,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_positions(const at::Tensor& s
 int64_t argmax(const float* x, int64_t n) {
   __m512 most = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 in = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    const __mmask16 in = lanes_before(n, i);
     const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, x + i);
     if (const __mmask16 nan = _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q)) return i + __builtin_ctz(nan);
     most = _mm512_max_ps(most, v);
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(most));
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 in = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    const __mmask16 in = lanes_before(n, i);
     if (const __mmask16 at = _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, x + i), top, _CMP_EQ_OQ)) return i + __builtin_ctz(at);
   }
   return 0;
