@@ -4,6 +4,7 @@ import torch
 from conftest import random_model, tiny_args
 from multitoken import grouped_heads, kernels
 from multitoken.kernels import attention, attention_group, linear_group, pack_weight
+from multitoken import steps as steps_module
 from multitoken.steps import DecodeSteps, draft_logits
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the packed kernel needs x86-64 Linux with avx512_bf16")
@@ -124,3 +125,64 @@ def test_grouped_heads_in_one_kernel_call_are_the_grouped_path_bit_for_bit():
         m.setattr(grouped_heads, "_in_one_call", lambda *a: False)
         python = _drafts(random_model(args, dtype=torch.bfloat16, std=0.3), True, False, pytest.MonkeyPatch())
     assert len(one) == len(python) and all(torch.equal(a, b) for a, b in zip(one, python))
+
+
+@needs_kernel
+@pytest.mark.parametrize("one_call", [True, False])
+def test_grouped_heads_at_every_token_are_each_heads_block(one_call, monkeypatch):
+    # A greedy step runs every head, the next-token head too, at every token in one computation; each
+    # token's output must be what that head's block gives it, bit for bit, whichever way it runs.
+    args = tiny_args(n_future_tokens=4, n_layers=6, dim=64, n_heads=4, n_kv_heads=2)
+    model = random_model(args, dtype=torch.bfloat16, std=0.3)
+    model.setup_caches(3, 64)
+    DecodeSteps(model)
+    if not one_call:
+        monkeypatch.setattr(grouped_heads, "_in_one_call", lambda *a: False)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        pos = model.positions(torch.tensor([9, 0, 30]), 3, 5)  # ragged rows
+        model.forward_trunk(torch.randint(0, args.vocab_size, (3, 40), generator=g), 0)
+        h = model.forward_trunk(torch.randint(0, args.vocab_size, (3, 5), generator=g), pos)
+        heads = model.heads
+        assert grouped_heads.usable(heads, h)
+        got = grouped_heads.forward(heads, h, pos)
+        assert got.shape == (3, 5, 4, args.dim)
+        for i in range(4):
+            assert torch.equal(got[:, :, i], model.forward_head(i, h, pos))
+        # and a token a row, as drafting after acceptance asks for it
+        index = torch.tensor([4, 0, 2])
+        assert torch.equal(grouped_heads.forward(heads[1:], h, pos, index), got[torch.arange(3), index, 1:])
+
+
+@needs_kernel
+def test_greedy_step_with_every_head_at_every_token_is_drafting_after_acceptance(monkeypatch):
+    args = tiny_args(n_future_tokens=4, n_layers=6, dim=64, n_heads=4, n_kv_heads=2)
+    runs = []
+    for every_token in (True, False):
+        monkeypatch.setattr(steps_module, "ALL_HEADS_MAX_ROWS", 16 if every_token else 0)
+        calls = []
+        forward = grouped_heads.forward
+        monkeypatch.setattr(grouped_heads, "forward", lambda *a: calls.append(len(a)) or forward(*a))
+        model = random_model(args, dtype=torch.bfloat16, std=0.3)
+        model.setup_caches(3, 64)
+        steps = DecodeSteps(model)
+        g = torch.Generator().manual_seed(0)
+        out = []
+        with torch.inference_mode():
+            model.forward_trunk(torch.randint(0, args.vocab_size, (3, 30), generator=g), 0)
+            start = torch.tensor([30, 12, 5])
+            for step, k in enumerate((3, 2, 3)):
+                # Drafts the next-token head agrees with: (step + b) % 4 of row b's, from plain steps.
+                tokens = torch.randint(0, args.vocab_size, (3, 4), generator=g)
+                for i in range(3):
+                    _, logits = steps.step(tokens[:, i : i + 1], start + i)
+                    agree = torch.tensor([i < (step + b) % 4 for b in range(3)])
+                    tokens[:, i + 1] = torch.where(agree, logits[:, 0].argmax(-1), tokens[:, i + 1])
+                out += steps.greedy(tokens, start, k)
+                assert out[-2].tolist() == [(step + b) % 4 for b in range(3)]
+                start = start + out[-2] + 1
+        monkeypatch.undo()
+        # every head at every token: forward without an index; else the drafts' heads at one token each
+        assert calls == [3] * 3 if every_token else calls == [4] * 3
+        runs.append(out + [b.attention.cache.k.clone() for b in model.heads])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

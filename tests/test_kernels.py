@@ -564,6 +564,37 @@ def test_tree_acceptance_kernel_is_atens(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chain_acceptance_kernel_is_atens(dtype, monkeypatch):
+    from multitoken.steps import accept_chain
+
+    g = torch.Generator().manual_seed(0)
+    accepted = set()
+    for seed in range(30):
+        batch, seq, heads, vocab = 3, 1 + seed % 4, 1 + seed % 4, 37 + seed
+        tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+        # Logits whose next-token argmax agrees with a random number of each row's drafts; small integers,
+        # so that ties (argmax takes the first) are frequent, in bf16 too; a NaN now and then (it wins).
+        logits = torch.randint(-3, 4, (batch, seq, heads, vocab), generator=g).float()
+        for b in range(batch):
+            for i in range(int(torch.randint(0, seq, (), generator=g))):
+                logits[b, i, 0, tokens[b, i + 1]] = 9.0
+        if seed % 5 == 0:
+            logits[0, 0, -1, seed % vocab] = float("nan")
+        logits = logits.to(dtype)
+        fast = accept_chain(tokens, logits)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "tree_ops", lambda x: False)
+            slow = accept_chain(tokens, logits)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+        assert fast[2].shape == (batch, heads - 1)
+        accepted.update(fast[1].tolist())
+    assert accepted == {0, 1, 2, 3}
+    with pytest.raises(RuntimeError, match="accept_chain: logits must be float32 or bfloat16 \\(batch, seq, heads, vocab\\)"):
+        torch.ops.multitoken.accept_chain(tokens, logits[:, :-1])
+
+
+@needs_kernel
 def test_cache_kernel_moves_what_kvcache_moves():
     torch.manual_seed(0)
     caches = [KVCache(3, 24, 2, 16, torch.bfloat16, "cpu") for _ in range(2)]

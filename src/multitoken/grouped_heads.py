@@ -63,41 +63,49 @@ def _select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[:, torch.arange(x.shape[1], device=x.device), index].unsqueeze(2)
 
 
-def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor) -> torch.Tensor:
-    """The outputs (batch, G, dim) of heads[g] at token index[b] of each row of h (batch, seq, dim), before
-    the shared norm and unembedding; every head's keys and values are cached for every token of h.
-    The same as `torch.cat([head(h, pos, index) for head in heads], 1)` (`usable(heads, h)` first)."""
+def forward(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """The outputs of heads[g] on the trunk output h (batch, seq, dim), before the shared norm and
+    unembedding; every head's keys and values are cached for every token of h. With `index` (batch,), at
+    token index[b] of each row alone: (batch, G, dim), the same as `torch.cat([head(h, pos, index) for
+    head in heads], 1)`; without, at every token: (batch, seq, G, dim), the same as
+    `torch.stack([head(h, pos) for head in heads], 2)` (`usable(heads, h)` first)."""
     if _in_one_call(heads, h, pos):
         return _one_call(heads, h, pos, index)
     n, a = len(heads), heads[0].attention
     bsz, seqlen, _ = h.shape
+    queries = 1 if index is not None else seqlen
     x = _norm(h, [b.attention_norm for b in heads])  # (G, batch, seq, dim)
     if isinstance(a, steps.FusedAttention):
         # Queries of every token, then the selected one's, as FusedAttention computes them.
         q, xk, xv = kernels.linear_group(x, [b.attention.wqkv for b in heads]).split(
             [a.wq.out_features, a.wk.out_features, a.wv.out_features], -1)
-        q = _select(q, index)
+        q = q if index is None else _select(q, index)
     else:
         xk = kernels.linear_group(x, [b.attention.wk for b in heads])
         xv = kernels.linear_group(x, [b.attention.wv for b in heads])
-        q = kernels.linear_group(_select(x, index), [b.attention.wq for b in heads])
+        q = kernels.linear_group(x if index is None else _select(x, index), [b.attention.wq for b in heads])
     # Keys rotated for every head at once (the rotary rows broadcast), then cached in each head's own buffers.
     k = a.rotate(xk.view(n, bsz, seqlen, a.n_kv_heads, a.head_dim), pos.rope).transpose(2, 3)
     v = xv.view(n, bsz, seqlen, a.n_kv_heads, a.head_dim).transpose(2, 3)
     cached = [b.attention.cache.update(pos, k[g], v[g]) for g, b in enumerate(heads)]
-    at = pos.select(index)
-    q = a.rotate(q.view(n, bsz, 1, a.n_heads, a.head_dim), at.rope).transpose(2, 3)
+    at = pos if index is None else pos.select(index)
+    q = a.rotate(q.view(n, bsz, queries, a.n_heads, a.head_dim), at.rope).transpose(2, 3)
     out = kernels.attention_group(q, [k for k, _ in cached], [v for _, v in cached], at.mask)
-    hh = select_tokens(h, index) + kernels.linear_group(out.transpose(2, 3).reshape(n, bsz, 1, -1),
-                                                     [b.attention.wo for b in heads])  # (G, batch, 1, dim)
+    hh = (h if index is None else select_tokens(h, index)) + kernels.linear_group(
+        out.transpose(2, 3).reshape(n, bsz, queries, -1), [b.attention.wo for b in heads])  # (G, batch, queries, dim)
     x = _norm(hh, [b.ffn_norm for b in heads])
     if isinstance(heads[0].feed_forward, steps.FusedFeedForward):
         gate, up = kernels.linear_group(x, [b.feed_forward.w13 for b in heads]).chunk(2, dim=-1)
     else:
         gate = kernels.linear_group(x, [b.feed_forward.w1 for b in heads])
         up = kernels.linear_group(x, [b.feed_forward.w3 for b in heads])
-    out = hh + kernels.linear_group(F.silu(gate) * up, [b.feed_forward.w2 for b in heads])
-    return out[:, :, 0].transpose(0, 1)
+    return _as_output(hh + kernels.linear_group(F.silu(gate) * up, [b.feed_forward.w2 for b in heads]), index)
+
+
+def _as_output(out: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """(G, batch, queries, dim) as `forward` returns it."""
+    return out[:, :, 0].transpose(0, 1) if index is not None else out.permute(1, 2, 0, 3)
 
 
 def _in_one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions) -> bool:
@@ -112,7 +120,8 @@ def _in_one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions)
             and a.head_dim <= 256 and all(kernels.block_parts(b)[0]._modules["cache"]._buffers["k"].dtype == h.dtype for b in heads))
 
 
-def _one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor) -> torch.Tensor:
+def _one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, index: torch.Tensor | None
+              ) -> torch.Tensor:
     """`forward` in one kernel call: the same operations from C++, the same numbers bit for bit."""
     packed, norms, caches = [], [], []
     for b in heads:  # alike (`usable`): the first one's sizes, eps and head counts serve them all
@@ -123,6 +132,8 @@ def _one_call(heads: list[TransformerBlock], h: torch.Tensor, pos: Positions, in
         cache = parts[0]._modules["cache"]._buffers
         caches += [cache["k"], cache["v"]]
     a, _, norm1, _ = kernels.block_parts(heads[0])
-    out = torch.ops.multitoken.head_group.default(h, index, packed, out_features, norms, norm1.eps,
+    bsz, seqlen, _ = h.shape
+    tokens = index if index is not None else torch.arange(seqlen, device=h.device).expand(bsz, seqlen)
+    out = torch.ops.multitoken.head_group.default(h, tokens, packed, out_features, norms, norm1.eps,
                                                   a.n_heads, a.n_kv_heads, pos.rope, pos.mask, caches, pos.start, pos.rows)
-    return out[:, :, 0].transpose(0, 1)
+    return _as_output(out, index)

@@ -51,6 +51,10 @@ from multitoken.sampling import greedy as greedy_tokens
 # verify step (4 rows) the reductions ran 10x slower than ATen, so only single rows use them.
 ROWWISE_MAX_ROWS = 1
 
+# Up to this many tokens (batch x (1 + drafts)) a greedy self-speculative step runs every head at every
+# token where the CPU kernels run the heads (`DecodeSteps._greedy`). Measured here: see docs/benchmarks.md.
+ALL_HEADS_MAX_ROWS = 16
+
 
 class RowwiseLinear(nn.Linear):
     """nn.Linear whose product, for up to ROWWISE_MAX_ROWS rows and under torch.compile, is a float32
@@ -551,11 +555,33 @@ class DecodeSteps:
         emits the first n_acc + 1 (accepted drafts equal the head's tokens); n_acc (batch,), the
         drafts the head agrees with before its first disagreement; and k new drafts (batch, k) from the
         extra heads at the last accepted position."""
+        m = self.model
         pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)  # once for the step and the drafts
-        h, logits = self._verify(tokens, pos)
-        target = greedy_tokens(logits)
+        h = m.forward_trunk(tokens, pos)
+        heads = m.heads[: k + 1]
+        if self.group_heads and tokens.shape[0] * tokens.shape[1] <= ALL_HEADS_MAX_ROWS and grouped_heads.usable(heads, h):
+            # Every head at every token, then the drafts at the accepted token: one call for the heads
+            # and one pass over the unembedding, where drafting after acceptance makes two. Each token's
+            # output is what the head computes for it alone (the kernels' rows are independent). The
+            # logits stay bf16: float32 would hold the same values, so the same argmax.
+            return accept_chain(tokens, m.output(m.norm(grouped_heads.forward(heads, h, pos))))
+        target = greedy_tokens(m.logits(m.forward_head(0, h, pos)))
         n_acc = leading_true(target[:, :-1] == tokens[:, 1:])
-        return target, n_acc, greedy_tokens(draft_logits(self.model, h, pos, n_acc, k, grouped=self.group_heads))
+        return target, n_acc, greedy_tokens(draft_logits(m, h, pos, n_acc, k, grouped=self.group_heads))
+
+
+def accept_chain(tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A greedy self-speculative step's acceptance given the logits (batch, seq, 1 + k, vocab) of every head
+    at every token of tokens (batch, seq), each row's last token then its drafts: the next-token head's
+    tokens (batch, seq), the drafts each row accepts (batch,) and the extra heads' tokens at the last
+    accepted token (batch, k), the next drafts. In one kernel call where `kernels.tree_ops` (eagerly, on a
+    CPU: ~0.1 ms of ATen calls less a step at batch 1 here), else as ATen computes it below."""
+    if kernels.tree_ops(logits):
+        return torch.ops.multitoken.accept_chain.default(tokens, logits)
+    chosen = greedy_tokens(logits)
+    target = chosen[..., 0]
+    n_acc = leading_true(target[:, :-1] == tokens[:, 1:])
+    return target, n_acc, chosen[torch.arange(tokens.shape[0], device=tokens.device), n_acc, 1:]
 
 
 def leading_true(ok: torch.Tensor) -> torch.Tensor:

@@ -930,9 +930,10 @@ at::Tensor block(const at::Tensor& x, at::TensorList packed, at::IntArrayRef out
   return add_bf16(h, packed_linear(silu_mul(gate_up), packed[3], out_features[3]));
 }
 
-// G extra heads' blocks on the same trunk output h (batch, seq, dim), bf16, as multitoken.grouped_heads
+// G heads' blocks on the same trunk output h (batch, seq, dim), bf16, as multitoken.grouped_heads
 // computes them with the kernels above: every head's keys and values cached for every token, its whole
-// forward at token index[b] of each row alone; out (G, batch, 1, dim). The same operations in the same
+// forward at tokens index[b, i] of each row b alone (index (batch, n), or (batch,) for n = 1); out
+// (G, batch, n, dim). The same operations in the same
 // order as there, called here instead of ~40 calls from Python, so the same numbers bit for bit.
 // Per head g: packed[4 g .. 4 g + 4) its fused q/k/v, output, fused gate/up and down products, norms[2 g],
 // norms[2 g + 1] its two norms' weights, caches[2 g], caches[2 g + 1] its key and value caches. Positions
@@ -944,9 +945,11 @@ at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorLi
   const int64_t groups = (int64_t)packed.size() / 4;
   TORCH_CHECK(h.dim() == 3 && groups > 0 && (int64_t)packed.size() == 4 * groups && out_features.size() == 4 &&
               (int64_t)norms.size() == 2 * groups && (int64_t)caches.size() == 2 * groups && mask.dim() == 4 &&
-              index.dim() == 1 && index.size(0) == h.size(0),
-              "head_group: h must be (batch, seq, dim), index (batch,), with 4 products, 2 norms and 2 caches a head");
+              (index.dim() == 1 || index.dim() == 2) && index.size(0) == h.size(0) && index.scalar_type() == at::kLong,
+              "head_group: h must be (batch, seq, dim), index int64 (batch,) or (batch, n), with 4 products, 2 norms "
+              "and 2 caches a head");
   const int64_t bsz = h.size(0), seq = h.size(1), dim = h.size(2), head_dim = caches[0].size(3);
+  const int64_t n = index.dim() == 2 ? index.size(1) : 1;
   const int64_t q_features = n_heads * head_dim, kv_features = n_kv_heads * head_dim, end = mask.size(-1);
   TORCH_CHECK(out_features[0] == q_features + 2 * kv_features, "head_group: the q/k/v products must have ",
               q_features + 2 * kv_features, " outputs, not ", out_features[0]);
@@ -956,8 +959,8 @@ at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorLi
     for (int64_t g = 0; g < groups; ++g) out.push_back(list[per_head * g + which]);
     return out;
   };
-  // Token index[b] of row b: its flat row among the batch's tokens.
-  const at::Tensor chosen = at::arange(bsz, index.options()) * seq + index;
+  // Tokens index[b, i] of row b: their flat rows among the batch's tokens.
+  const at::Tensor chosen = (at::arange(bsz, index.options()).unsqueeze(1) * seq + index.view({bsz, n})).view(-1);
   const std::vector<at::Tensor> parts =
       packed_linear_group(rms_norm(h, each_head(norms, 2, 0), eps, false), each_head(packed, 4, 0), out_features[0])
           .split_with_sizes({q_features, kv_features, kv_features}, -1);
@@ -972,13 +975,13 @@ at::Tensor head_group(const at::Tensor& h, const at::Tensor& index, at::TensorLi
     values.push_back(cached_span(cache_v, rows, bsz, end));
   }
   const at::Tensor q_one = q_all.reshape({groups, bsz * seq, q_features}).index_select(1, chosen);
-  const at::Tensor rope_one = rope_rows.reshape({bsz * seq, 2, 1, head_dim}).index_select(0, chosen).unsqueeze(1);
-  const at::Tensor mask_one = mask.select(1, 0).reshape({bsz * seq, end}).index_select(0, chosen).view({bsz, 1, 1, end});
-  const at::Tensor q = rope(q_one.view({groups, bsz, 1, n_heads, head_dim}), rope_one).transpose(2, 3);
+  const at::Tensor rope_one = rope_rows.reshape({bsz * seq, 2, 1, head_dim}).index_select(0, chosen).view({bsz, n, 2, 1, head_dim});
+  const at::Tensor mask_one = mask.select(1, 0).reshape({bsz * seq, end}).index_select(0, chosen).view({bsz, 1, n, end});
+  const at::Tensor q = rope(q_one.view({groups, bsz, n, n_heads, head_dim}), rope_one).transpose(2, 3);
   const at::Tensor out = few_query_attention_group(q, keys, values, mask_one);
-  const at::Tensor h_one = h.reshape({bsz * seq, dim}).index_select(0, chosen).unsqueeze(1);
-  const at::Tensor hh = add_bf16(h_one.expand({groups, bsz, 1, dim}),
-                                 packed_linear_group(out.transpose(2, 3).reshape({groups, bsz, 1, -1}), each_head(packed, 4, 1), out_features[1]));
+  const at::Tensor h_one = h.reshape({bsz * seq, dim}).index_select(0, chosen).view({bsz, n, dim});
+  const at::Tensor hh = add_bf16(h_one.expand({groups, bsz, n, dim}),
+                                 packed_linear_group(out.transpose(2, 3).reshape({groups, bsz, n, -1}), each_head(packed, 4, 1), out_features[1]));
   const at::Tensor gate_up =
       packed_linear_group(rms_norm(hh, each_head(norms, 2, 1), eps, true), each_head(packed, 4, 2), out_features[2]);
   return add_bf16(hh, packed_linear_group(silu_mul(gate_up), each_head(packed, 4, 3), out_features[3]));

@@ -1,7 +1,7 @@
 // A draft tree's bookkeeping between two forwards (multitoken/tree.py; multitoken/kernels.py: `tree_ops`),
 // each as one call: choosing the tree from the heads' logits or candidates (`greedy_tree`, `best_tree`),
 // its positions and attention mask (`tree_positions`; `row_positions` for a chain's), the greedy
-// acceptance (`accept_greedy`) and moving the accepted path's cached keys and values into place
+// acceptance (`accept_greedy`; `accept_chain` for a chain's) and moving the accepted path's cached keys and values into place
 // (`move_cache_entries`). In ATen these are 10-60 operator calls each on tensors of a few dozen numbers:
 // ~0.5 ms of a tree step on a 2-core CPU, where the chain's bookkeeping is a few calls. Each gives what
 // tree.py's ATen version gives (tests/test_kernels.py compares them).
@@ -257,21 +257,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_positions(const at::Tensor& s
   return positions_of(nullptr, nullptr, start, seqlen, rope);
 }
 
-// The first index of the largest of x[0 .. n) (of the first NaN, if any: torch.max's).
-int64_t argmax(const float* x, int64_t n) {
+// The 16 values from x[i] of x[0 .. n) as float32 (bf16 converts exactly); -inf in the lanes past n.
+inline __m512 load_lanes(const float* x, int64_t n, int64_t i) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes_before(n, i), x + i);
+}
+inline __m512 load_lanes(const at::BFloat16* x, int64_t n, int64_t i) {
+  const __mmask16 in = lanes_before(n, i);
+  const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, x + i)), 16);
+  return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), in, _mm512_castsi512_ps(bits));
+}
+
+// The first index of the largest of x[0 .. n) (of the first NaN, if any: torch.max's), float32 or bf16.
+template <typename T>
+int64_t argmax(const T* x, int64_t n) {
   __m512 most = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 in = lanes_before(n, i);
-    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), in, x + i);
-    if (const __mmask16 nan = _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q)) return i + __builtin_ctz(nan);
+    const __m512 v = load_lanes(x, n, i);
+    if (const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return i + __builtin_ctz(nan);
     most = _mm512_max_ps(most, v);
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(most));
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 in = lanes_before(n, i);
-    if (const __mmask16 at = _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, x + i), top, _CMP_EQ_OQ)) return i + __builtin_ctz(at);
-  }
+  for (int64_t i = 0; i < n; i += 16)
+    if (const __mmask16 at = _mm512_mask_cmp_ps_mask(lanes_before(n, i), load_lanes(x, n, i), top, _CMP_EQ_OQ))
+      return i + __builtin_ctz(at);
   return 0;
+}
+
+// A greedy self-speculative step's acceptance (steps.DecodeSteps._greedy), given the logits (batch, seq, heads,
+// vocab), float32 or bf16, of every head at every token of tokens (batch, seq): each row's last token then its
+// drafts. Returns the next-token head's argmax at every token (batch, seq); how many drafts each row accepts,
+// those equal to that argmax at the token before them, up to the first that is not (batch,); and the extra
+// heads' argmax at the last accepted token (batch, heads - 1): the next step's drafts.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_chain(const at::Tensor& tokens_in, const at::Tensor& logits_in) {
+  TORCH_CHECK(tokens_in.dim() == 2 && tokens_in.scalar_type() == at::kLong && tokens_in.size(1) >= 1,
+              "accept_chain: tokens must be int64 (batch, seq)");
+  TORCH_CHECK(logits_in.dim() == 4 && logits_in.size(0) == tokens_in.size(0) && logits_in.size(1) == tokens_in.size(1) &&
+              logits_in.size(2) >= 1 && logits_in.size(3) >= 1 &&
+              (logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kBFloat16),
+              "accept_chain: logits must be float32 or bfloat16 (batch, seq, heads, vocab) for tokens (batch, seq)");
+  const at::Tensor tokens = tokens_in.contiguous(), logits = logits_in.contiguous();
+  const int64_t bsz = tokens.size(0), seq = tokens.size(1), heads = logits.size(2), vocab = logits.size(3);
+  auto best = [&](int64_t b, int64_t i, int64_t g) {
+    const int64_t row = ((b * seq + i) * heads + g) * vocab;
+    return logits.scalar_type() == at::kFloat ? argmax(logits.const_data_ptr<float>() + row, vocab)
+                                              : argmax(logits.const_data_ptr<at::BFloat16>() + row, vocab);
+  };
+  at::Tensor target = at::empty({bsz, seq}, tokens.options()), n_acc = at::empty({bsz}, tokens.options()),
+             drafts = at::empty({bsz, heads - 1}, tokens.options());
+  const int64_t* t0 = tokens.const_data_ptr<int64_t>();
+  int64_t *tg = target.mutable_data_ptr<int64_t>(), *na = n_acc.mutable_data_ptr<int64_t>(),
+          *dr = drafts.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < bsz; ++b) {
+    for (int64_t i = 0; i < seq; ++i) tg[b * seq + i] = best(b, i, 0);
+    int64_t j = 0;
+    while (j + 1 < seq && t0[b * seq + j + 1] == tg[b * seq + j]) ++j;
+    na[b] = j;
+    for (int64_t g = 1; g < heads; ++g) dr[b * (heads - 1) + g - 1] = best(b, j, g);
+  }
+  return {target, n_acc, drafts};
 }
 
 // tree.accept_greedy and what tree.generate takes of it, given the next-token head's logits at every node
@@ -368,6 +411,7 @@ TORCH_LIBRARY_FRAGMENT(multitoken, m) {
   m.def("tree_positions(Tensor parent, Tensor depth, Tensor start, Tensor rope) -> (Tensor, Tensor, Tensor)");
   m.def("row_positions(Tensor start, int seqlen, Tensor rope) -> (Tensor, Tensor, Tensor)");
   m.def("accept_greedy(Tensor tokens, Tensor parent, Tensor depth, Tensor logits) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("accept_chain(Tensor tokens, Tensor logits) -> (Tensor, Tensor, Tensor)");
   m.def("move_cache_entries(Tensor(a!)[] caches, Tensor src, Tensor dst) -> ()");
 }
 
@@ -377,5 +421,6 @@ TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
   m.impl("tree_positions", tree_positions);
   m.impl("row_positions", row_positions);
   m.impl("accept_greedy", accept_greedy);
+  m.impl("accept_chain", accept_chain);
   m.impl("move_cache_entries", move_cache_entries);
 }
