@@ -1,12 +1,9 @@
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import random_model, tiny_args
-from multitoken import grouped_heads, kernels, speculative
-from multitoken import steps as steps_module
+from multitoken import speculative
 from multitoken.generation import Llama
 from multitoken.steps import StepTimes
 from test_generation import IdTokenizer
@@ -110,7 +107,7 @@ def _decode(llama: Llama, prompts, max_gen_len: int, lag: int, seed: int = 0, **
     """speculative.generate's tokens, logprobs and stats, and how many forwards it queued."""
     calls = []
     steps = llama.steps
-    for name in ("step", "step_heads", "greedy"):
+    for name in ("step", "greedy"):
         forward = getattr(type(steps), "_" + name).__get__(steps)
         setattr(steps, name, lambda *a, f=forward, **kw: calls.append(1) or f(*a, **kw))
     torch.manual_seed(seed)
@@ -118,7 +115,7 @@ def _decode(llama: Llama, prompts, max_gen_len: int, lag: int, seed: int = 0, **
         out = speculative.generate(llama.model, prompts, max_gen_len, llama.tokenizer.eos_id, lag=lag, steps=steps,
                                    **kw)
     finally:
-        steps.step, steps.step_heads, steps.greedy = steps._step, steps._step_heads, steps._greedy
+        steps.step, steps.greedy = steps._step, steps._greedy
     return out, len(calls)
 
 
@@ -150,30 +147,6 @@ def test_queueing_a_step_before_reading_the_last_changes_nothing(kw, trained):
     echoed = kw.get("echo", False)
     assert any(len(p) * (not echoed) + len(t) == 40 for p, t in zip(trained_prompts, t0))  # a row filled the cache
     assert s0.tokens_per_forward > 2
-
-
-@pytest.mark.skipif(not kernels.available(), reason="the kernels need x86-64 Linux with avx512_bf16")
-@pytest.mark.parametrize("kw", [dict(temperature=0.8, top_p=0.9), dict(temperature=0, logprobs=True)])
-def test_every_head_at_every_token_samples_what_drafting_after_acceptance_samples(kw, trained, monkeypatch):
-    """On the CPU kernels a small batch's step runs every head at every token and takes the drafts at the
-    accepted one: the same logits, so the same draws, tokens, logprobs and statistics as drafting after
-    acceptance."""
-    trained_llama, cycle = trained
-    model = copy.deepcopy(trained_llama.model).to(torch.bfloat16)
-    model.setup_caches(4, 64)
-    llama = Llama(model, trained_llama.tokenizer)
-    prompts = [[cycle[i % len(cycle)] for i in range(s, s + n)] for s, n in ((0, 3), (2, 20), (5, 9))]
-    runs = []
-    for every_token in (True, False):
-        monkeypatch.setattr(steps_module, "ALL_HEADS_MAX_ROWS", 16 if every_token else 0)
-        calls = []  # arguments of the grouped heads' calls: 3 at every token, 4 at one token a row
-        forward = grouped_heads.forward
-        monkeypatch.setattr(grouped_heads, "forward", lambda *a: calls.append(len(a)) or forward(*a))
-        runs.append(_decode(llama, prompts, 30, lag=0, **kw)[0])
-        monkeypatch.undo()
-        assert 3 in calls if every_token else 3 not in calls
-    assert runs[0] == runs[1]
-    assert runs[0][2].accepted[0] > 0
 
 
 def _train_on_a_cycle(n_future=4, period=11, steps=150, seed=0) -> tuple[Llama, list[int]]:

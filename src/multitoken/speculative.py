@@ -446,10 +446,7 @@ def generate(
             step_tokens, n_acc, drafts = step.greedy(inp, start, k_next, span=span)
             nxt = step_tokens[rows, n_acc]
         else:
-            # logits (batch, j + 1, heads, vocab): the next-token head's, and the extra heads' where they
-            # ran at every token (heads = 1 + k_next; else 1, and the heads draft after acceptance)
-            h, logits = step.step_heads(inp, start, k_next, span=span)
-            logits0 = logits[:, :, 0]
+            h, logits0 = step.step(inp, start, span=span)  # logits0: (batch, j + 1, vocab)
             if greedy:
                 step_tokens = greedy_tokens(logits0)  # accepted drafts equal the head's tokens
                 n_acc = leading_true(step_tokens[:, :j] == drafts[:, :j])
@@ -467,8 +464,7 @@ def generate(
                 nxt = draw(dist, uniforms())
                 step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
                 step_tokens[rows, n_acc] = nxt
-            drafts, q = draft(logits[rows, n_acc, 1:] if logits.shape[2] == 1 + k_next
-                              else step.draft(h, start, n_acc, k_next, span=span))
+            drafts, q = draft(step.draft(h, start, n_acc, k_next, span=span))
 
         results = [step_tokens, n_acc] + ([token_logprobs(logits0, step_tokens)] if logprobs else [])
         in_flight.append(QueuedStep(j, active_list, *to_host(results), k_next=k_next, queued_at=queued_at))

@@ -379,7 +379,6 @@ class DecodeSteps:
         # kept with the steps, so they are learnt once per model and machine.
         self.step_times: dict[tuple[int, int], StepTimes] = {}
         self.step = self._step
-        self.step_heads = self._step_heads
         self.draft = self._draft
         self.greedy = self._greedy
         weight = model.tok_embeddings.weight
@@ -438,7 +437,6 @@ class DecodeSteps:
             # One graph per (batch, tokens) shape: batch sizes times draft counts can pass dynamo's default 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.step = self.compile_fn(self._step)
-            self.step_heads = self.compile_fn(self._step_heads)
             self.draft = self.compile_fn(self._draft)
             self.greedy = self.compile_fn(self._greedy)
 
@@ -550,28 +548,6 @@ class DecodeSteps:
         return draft_logits(self.model, h, self._positions(start, h.shape[0], h.shape[1], span), index, k,
                             grouped=self.group_heads)
 
-    def _every_head_pays(self, h: torch.Tensor, k: int) -> bool:
-        """Whether a self-speculative step on trunk output h runs every head at every token, then takes the
-        drafts at the accepted token: one call for the heads and one pass over the unembedding, where
-        drafting after acceptance makes two. Each token's output is what the head computes for it alone
-        (the kernels' rows are independent), so the drafts are the same. Where the kernels run the heads
-        grouped and up to ALL_HEADS_MAX_ROWS tokens: past them the extra rows cost more than they save."""
-        return (self.group_heads and h.shape[0] * h.shape[1] <= ALL_HEADS_MAX_ROWS
-                and grouped_heads.usable(self.model.heads[: k + 1], h))
-
-    def _step_heads(self, tokens: torch.Tensor, start: torch.Tensor, k: int, span: int | torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`step` for self-speculative sampling: the trunk output and float32 logits (batch, seq, heads,
-        vocab) of the next-token head and, where that pays (`_every_head_pays`), extra heads 1 .. k at
-        every token (heads = 1 + k: the step's logits, then each token's drafts'); else of the next-token
-        head alone (heads = 1: `draft` gives the drafts after acceptance)."""
-        m = self.model
-        pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)
-        h = m.forward_trunk(tokens, pos)
-        if k > 0 and self._every_head_pays(h, k):
-            return h, m.logits(grouped_heads.forward(m.heads[: k + 1], h, pos))
-        return h, m.logits(m.forward_head(0, h, pos))[:, :, None]
-
     def _greedy(self, tokens: torch.Tensor, start: torch.Tensor, k: int, span: int | torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A greedy self-speculative step in one forward: tokens (batch, 1 + j) are each row's last token
@@ -582,9 +558,13 @@ class DecodeSteps:
         m = self.model
         pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)  # once for the step and the drafts
         h = m.forward_trunk(tokens, pos)
-        if self._every_head_pays(h, k):
-            # The logits stay bf16: float32 would hold the same values, so the same argmax.
-            return accept_chain(tokens, m.output(m.norm(grouped_heads.forward(m.heads[: k + 1], h, pos))))
+        heads = m.heads[: k + 1]
+        if self.group_heads and tokens.shape[0] * tokens.shape[1] <= ALL_HEADS_MAX_ROWS and grouped_heads.usable(heads, h):
+            # Every head at every token, then the drafts at the accepted token: one call for the heads
+            # and one pass over the unembedding, where drafting after acceptance makes two. Each token's
+            # output is what the head computes for it alone (the kernels' rows are independent). The
+            # logits stay bf16: float32 would hold the same values, so the same argmax.
+            return accept_chain(tokens, m.output(m.norm(grouped_heads.forward(heads, h, pos))))
         target = greedy_tokens(m.logits(m.forward_head(0, h, pos)))
         n_acc = leading_true(target[:, :-1] == tokens[:, 1:])
         return target, n_acc, greedy_tokens(draft_logits(m, h, pos, n_acc, k, grouped=self.group_heads))
