@@ -1,6 +1,8 @@
-"""The extra heads of a self-speculative step as one computation instead of one block after another.
+"""The heads of a self-speculative step as one computation instead of one block after another: the
+extra heads at the accepted token, or (a greedy step of up to 16 tokens, `steps.DecodeSteps._greedy`)
+every head, the next-token head too, at every token.
 
-Every extra head reads the same trunk output at the same positions, so each stage of their blocks (a
+Every head reads the same trunk output at the same positions, so each stage of their blocks (a
 norm, a projection, the attention, the feed-forward) can run for all heads at once: one call of the
 packed kernel over the heads' weights (`kernels.linear_group`) and one of the attention kernel over their
 caches (`kernels.attention_group`) where the per-head code makes one per head. On the shipped model a
