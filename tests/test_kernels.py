@@ -461,6 +461,66 @@ def test_top_p_kernel_takes_a_top_p_per_row(monkeypatch, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("vocab", [1, 6, 4096])
+def test_draw_kernel_draws_atens_ids(monkeypatch, vocab):
+    from multitoken.sampling import draw
+
+    g = torch.Generator().manual_seed(vocab)
+    for i in range(20):
+        # Distributions after top-p (zeros at either end), unnormalised residuals, one-hot rows, all-zero rows.
+        w = torch.softmax(torch.randn(3, 2, vocab, generator=g) * (0.5, 3, 30)[i % 3], -1)
+        w[..., : vocab // 3] *= torch.rand(vocab // 3, generator=g) < 0.5
+        w[..., -(vocab // 4) :] = 0 if i % 2 else w[..., -(vocab // 4) :]
+        w = w * (1.0, 0.3)[i % 2]
+        w[0, 0] = 0
+        w[0, 1, -1] = 1.0 if i % 4 == 3 else w[0, 1, -1]
+        u = torch.rand(3, 2, dtype=torch.float64, generator=g)
+        u[1, 0] = 0.0
+        u[1, 1] = 1 - 2**-53  # the total, rounded: the last id of positive weight
+        # u at a cumulative weight exactly: the id after it (searchsorted's right=True)
+        u[2, 0] = float(w[2, 0].double().cumsum(-1)[vocab // 2] / w[2, 0].double().sum()) if w[2, 0].sum() > 0 else 0.5
+        fast = draw(w, u)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "sampling_runs", lambda probs: False)
+            slow = draw(w, u)
+        assert torch.equal(fast, slow), (i, fast, slow)
+        assert fast.shape == (3, 2) and ((fast == 0) | (w.gather(-1, fast[..., None])[..., 0] > 0) | (w.sum(-1) == 0)).all()
+    with pytest.raises(RuntimeError, match=r"draw: u must be float64 \(rows,\)"):
+        torch.ops.multitoken.draw(w[0], u[0].float())
+
+
+@needs_kernel
+def test_sampled_acceptance_kernel_is_atens(monkeypatch):
+    from multitoken.speculative import accept_sampled
+
+    g = torch.Generator().manual_seed(0)
+    counts = set()
+    for i in range(40):
+        batch, j, vocab = 4, i % 4, (5, 64, 4096)[i % 3]
+        p = torch.softmax(torch.randn(batch, j + 1, vocab, generator=g) * 3, -1)
+        q = torch.softmax(torch.randn(batch, j, vocab, generator=g) * 3, -1)
+        p[..., : vocab // 2] *= torch.rand(vocab // 2, generator=g) < 0.7  # zeros, as top-p leaves them
+        drafts = torch.multinomial(q.reshape(-1, vocab), 1, generator=g).view(batch, j) if j else torch.zeros(batch, 0, dtype=torch.long)
+        u = torch.rand(batch, j, generator=g)
+        if j:
+            q[0, 0] = p[0, 0]  # p == q: always accepted; at a rejection there the residual is all zeros
+            u[1, 0] = 0.0
+            x = drafts[2, 0]
+            u[2, 0] = p[2, 0, x] / q[2, 0, x] if q[2, 0, x] > p[2, 0, x] else 0.5  # u q(x) == p(x)?: rejected
+            p[3, 0, drafts[3, 0]] = 1.0  # accepted whatever u
+        u_next = torch.rand(batch, dtype=torch.float64, generator=g)
+        fast = accept_sampled(p, q, drafts, u, u_next)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "sampling_runs", lambda probs: False)
+            slow = accept_sampled(p, q, drafts, u, u_next)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow)), (i, fast, slow)
+        counts.update(fast[0].tolist())
+    assert counts == {0, 1, 2, 3}
+    with pytest.raises(RuntimeError, match=r"accept_sampled: draft (\d+) is not a token of the \1"):
+        torch.ops.multitoken.accept_sampled(p, q, torch.full_like(drafts, vocab), u, u_next)
+
+
+@needs_kernel
 def test_top_p_kernel_names_bad_arguments():
     probs = torch.softmax(torch.randn(3, 50), -1)
     with pytest.raises(RuntimeError, match="probs must be a float32"):

@@ -408,6 +408,18 @@ def top_p_runs(probs: torch.Tensor) -> bool:
     return probs.dtype == torch.float32 and probs.is_cpu and not probs.requires_grad and available()
 
 
+def sampling_runs(probs: torch.Tensor) -> bool:
+    """Whether `draw` runs on probs in the kernel: float32 on the CPU, eagerly, no gradients."""
+    return top_p_runs(probs) and not torch.compiler.is_compiling()
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`sampling.draw` in one kernel call (where `sampling_runs`): an id per row of probs (..., vocab),
+    given uniforms u (...) float64; ATen's ids (the same float64 cumulative sums in the same order)."""
+    out = torch.ops.multitoken.draw.default(probs.reshape(-1, probs.shape[-1]), u.to(torch.float64).reshape(-1))
+    return out.view(probs.shape[:-1])
+
+
 def top_p(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """`sampling.probs_from_logits`'s top-p step in one kernel call (where `top_p_runs`): the tokens of
     each row of probs (..., vocab) kept while the probability mass before them (best first) is at most

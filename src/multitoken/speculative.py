@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from multitoken import kernels
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import draw, greedy as greedy_tokens, probs_from_logits
 from multitoken.steps import DecodeSteps, StepTimes, draft_logits, leading_true
@@ -82,6 +83,30 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     r = (p - q).clamp_min(0)
     total = r.sum(-1, keepdim=True)
     return torch.where(total > 0, r / total.clamp_min(1e-30), p)
+
+
+def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor, u_next: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sampled self-speculative step's acceptance: given the target's distributions p (batch, j + 1, vocab)
+    at each row's last token and its j drafts (batch, j), the drafts' distributions q (batch, j, vocab),
+    uniforms u (batch, j) float32 for the tests and u_next (batch,) float64 for the next token. Returns the
+    accepted counts (batch,), the next tokens (batch,), drawn from the residual at the first rejection or
+    from p after all j, and the step's tokens (batch, j + 1): the accepted drafts, the next token, then
+    the rest of the drafts (and a zero). In one kernel call where `kernels.sampling_runs` (~0.2 ms of ATen calls less a step here)."""
+    if kernels.sampling_runs(p):
+        return torch.ops.multitoken.accept_sampled.default(p, q, drafts, u, u_next)
+    j = drafts.shape[1]
+    rows = torch.arange(p.shape[0], device=p.device)
+    d = drafts[..., None]
+    n_acc = leading_true(accept_drafts(p[:, :j].gather(-1, d)[..., 0], q.gather(-1, d)[..., 0], u))
+    # At a rejection, max(0, p - q) unnormalised (draw draws in proportion); where it is all zeros, p.
+    q_pad = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)
+    p_at, q_at = p[rows, n_acc], q_pad[rows, n_acc]
+    r = (p_at - q_at).clamp_min(0)
+    nxt = draw(torch.where((r > 0).any(-1, keepdim=True), r, p_at), u_next)
+    tokens = torch.cat([drafts, torch.zeros_like(nxt[:, None])], dim=1)
+    tokens[rows, n_acc] = nxt
+    return n_acc, nxt, tokens
 
 
 class DraftCount:
@@ -452,18 +477,9 @@ def generate(
                 n_acc = leading_true(step_tokens[:, :j] == drafts[:, :j])
                 nxt = step_tokens[rows, n_acc]
             else:
-                p = probs_from_logits(logits0, temperature, top_p)
-                d = drafts[:, :j, None]
-                ok = accept_drafts(p[:, :j].gather(-1, d)[..., 0], q[:, :j].gather(-1, d)[..., 0],
-                                   uniforms(j, dtype=torch.float32))
-                n_acc = leading_true(ok)
-                # A rejection at j resamples from the residual there; all accepted: a bonus token from p.
-                q_pad = torch.cat([q[:, :j], torch.zeros_like(p[:, :1])], dim=1)
-                dist = torch.where((n_acc < j)[:, None], residual(p[rows, n_acc], q_pad[rows, n_acc]),
-                                   p[rows, n_acc])
-                nxt = draw(dist, uniforms())
-                step_tokens = torch.cat([drafts[:, :j], torch.zeros_like(nxt[:, None])], dim=1)
-                step_tokens[rows, n_acc] = nxt
+                # A rejection resamples from the residual there; all accepted: a bonus token from p.
+                n_acc, nxt, step_tokens = accept_sampled(probs_from_logits(logits0, temperature, top_p), q[:, :j],
+                                                         drafts[:, :j], uniforms(j, dtype=torch.float32), uniforms())
             drafts, q = draft(step.draft(h, start, n_acc, k_next, span=span))
 
         results = [step_tokens, n_acc] + ([token_logprobs(logits0, step_tokens)] if logprobs else [])

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -163,8 +164,109 @@ at::Tensor top_p(const at::Tensor& probs, const at::Tensor& top_p) {
   return out;
 }
 
+// The id sampling.draw draws from weights w[0 .. vocab) given u in [0, 1): the first whose cumulative weight
+// exceeds u times the total, at most the last id of positive weight (the last id if none is positive).
+// ATen's cumulative sum adds in float64 in vocabulary order, and so does this: the same ids.
+int64_t draw_row(const float* w, int64_t vocab, double u) {
+  double total = 0;
+  for (int64_t i = 0; i < vocab; ++i) total += w[i];
+  const double target = u * total;
+  int64_t id = vocab, last = vocab - 1;
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    sum += w[i];
+    if (sum > target) {
+      id = i;
+      break;
+    }
+  }
+  for (int64_t i = vocab - 1; i >= 0; --i)
+    if (w[i] > 0) {
+      last = i;
+      break;
+    }
+  return std::min(id, last);
+}
+
+// multitoken.sampling.draw: one id per row of weights (rows, vocab) float32 (probabilities, normalised or
+// not), given u (rows,) float64 in [0, 1). Two passes over a row instead of ~9 operator calls (cumsum,
+// searchsorted, the last positive id) on float64 copies of the rows.
+at::Tensor draw(const at::Tensor& weights, const at::Tensor& u) {
+  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
+              weights.size(1) >= 1, "draw: weights must be a float32 CPU tensor (rows, vocab)");
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kDouble && u.dim() == 1 && u.size(0) == weights.size(0),
+              "draw: u must be float64 (rows,)");
+  const at::Tensor w = weights.contiguous(), uc = u.contiguous();
+  const int64_t rows = w.size(0), vocab = w.size(1);
+  at::Tensor out = at::empty({rows}, w.options().dtype(at::kLong));
+  int64_t* y = out.mutable_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) y[r] = draw_row(w.const_data_ptr<float>() + r * vocab, vocab, uc.const_data_ptr<double>()[r]);
+  return out;
+}
+
+// multitoken.speculative.accept_sampled: a self-speculative sampling step's acceptance, given the target's
+// distributions p (batch, j + 1, vocab) at the row's last token and its j drafts, the drafts' q (batch, j,
+// vocab), the drafts (batch, j), uniforms u (batch, j) float32 for the tests and u_next (batch,) float64
+// for the next token. Draft i passes while u[i] q(x_i) < p(x_i); the token after the accepted ones is drawn
+// from max(0, p - q) at the first rejection (p where that is all zeros), or from p after all j. Returns the
+// accepted counts (batch,), the next tokens (batch,) and the step's tokens (batch, j + 1): the drafts with the
+// next token in place of the first rejected one (or after them all, in place of a zero).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_sampled(const at::Tensor& p_in, const at::Tensor& q_in,
+                                                              const at::Tensor& drafts_in, const at::Tensor& u_in,
+                                                              const at::Tensor& u_next_in) {
+  TORCH_CHECK(p_in.device().is_cpu() && p_in.scalar_type() == at::kFloat && p_in.dim() == 3 && q_in.scalar_type() == at::kFloat &&
+              q_in.dim() == 3 && q_in.size(0) == p_in.size(0) && q_in.size(1) + 1 == p_in.size(1) && q_in.size(2) == p_in.size(2),
+              "accept_sampled: p must be float32 (batch, j + 1, vocab) and q float32 (batch, j, vocab)");
+  const int64_t bsz = p_in.size(0), j = q_in.size(1), vocab = p_in.size(2);
+  TORCH_CHECK(drafts_in.scalar_type() == at::kLong && drafts_in.dim() == 2 && drafts_in.size(0) == bsz && drafts_in.size(1) == j &&
+              u_in.scalar_type() == at::kFloat && u_in.sizes() == drafts_in.sizes() && u_next_in.scalar_type() == at::kDouble &&
+              u_next_in.dim() == 1 && u_next_in.size(0) == bsz,
+              "accept_sampled: drafts must be int64 (batch, j), u float32 (batch, j), u_next float64 (batch,)");
+  const at::Tensor p = p_in.contiguous(), q = q_in.contiguous(), drafts = drafts_in.contiguous(), u = u_in.contiguous(),
+                   u_next = u_next_in.contiguous();
+  const float *p0 = p.const_data_ptr<float>(), *q0 = q.const_data_ptr<float>(), *u0 = u.const_data_ptr<float>();
+  const int64_t* d0 = drafts.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < bsz * j; ++i)
+    TORCH_CHECK(d0[i] >= 0 && d0[i] < vocab, "accept_sampled: draft ", d0[i], " is not a token of the ", vocab);
+  at::Tensor n_acc = at::empty({bsz}, drafts.options()), next = at::empty({bsz}, drafts.options()),
+             tokens = at::zeros({bsz, j + 1}, drafts.options());
+  int64_t *na = n_acc.mutable_data_ptr<int64_t>(), *nx = next.mutable_data_ptr<int64_t>(), *tk = tokens.mutable_data_ptr<int64_t>();
+  std::vector<float> rest(vocab);
+  for (int64_t b = 0; b < bsz; ++b) {
+    int64_t n = 0;
+    for (; n < j; ++n) {
+      const int64_t x = d0[b * j + n];
+      if (!(u0[b * j + n] * q0[(b * j + n) * vocab + x] < p0[(b * (j + 1) + n) * vocab + x])) break;
+    }
+    const float* pn = p0 + (b * (j + 1) + n) * vocab;
+    const float* w = pn;
+    if (n < j) {
+      const float* qn = q0 + (b * j + n) * vocab;
+      bool any = false;
+      for (int64_t i = 0; i < vocab; ++i) {
+        rest[i] = std::max(pn[i] - qn[i], 0.0f);
+        any |= rest[i] > 0;
+      }
+      if (any) w = rest.data();
+    }
+    na[b] = n;
+    nx[b] = draw_row(w, vocab, u_next.const_data_ptr<double>()[b]);
+    std::copy_n(d0 + b * j, j, tk + b * (j + 1));
+    tk[b * (j + 1) + n] = nx[b];
+  }
+  return {n_acc, next, tokens};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(multitoken, m) { m.def("top_p(Tensor probs, Tensor top_p) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(multitoken, m) {
+  m.def("top_p(Tensor probs, Tensor top_p) -> Tensor");
+  m.def("draw(Tensor weights, Tensor u) -> Tensor");
+  m.def("accept_sampled(Tensor p, Tensor q, Tensor drafts, Tensor u, Tensor u_next) -> (Tensor, Tensor, Tensor)");
+}
 
-TORCH_LIBRARY_IMPL(multitoken, CPU, m) { m.impl("top_p", top_p); }
+TORCH_LIBRARY_IMPL(multitoken, CPU, m) {
+  m.impl("top_p", top_p);
+  m.impl("draw", draw);
+  m.impl("accept_sampled", accept_sampled);
+}
