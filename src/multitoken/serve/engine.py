@@ -31,7 +31,7 @@ import torch
 
 from multitoken.model import Positions, Transformer
 from multitoken.sampling import check_sampling_args, draw, greedy as greedy_tokens, probs_from_logits
-from multitoken.speculative import SpeculativeStats, accept_drafts, check_draft_heads, residual
+from multitoken.speculative import SpeculativeStats, accept_sampled, check_draft_heads
 from multitoken.steps import draft_logits, leading_true
 
 log = logging.getLogger(__name__)
@@ -262,15 +262,12 @@ class Engine:
             n_acc = leading_true(ok)
             nxt = target[idx, n_acc]
         else:
+            # Sampled rows: the speculative acceptance (a rejection resamples from the residual there; all
+            # accepted, a bonus token from p). Greedy rows' distributions are not used.
             p = probs_from_logits(logits, self.temperature[rows], self.top_p[rows])
-            q, d = self.q[rows], drafts[..., None]
-            ok = torch.where(greedy[:, None], ok, accept_drafts(p[:, :k].gather(-1, d)[..., 0],
-                                                                q.gather(-1, d)[..., 0], u[:, :k]))
-            n_acc = leading_true(ok)
-            # A rejection at j resamples from the residual there; all accepted: the residual against
-            # q = 0 is p itself, a bonus token.
-            q = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)
-            nxt = torch.where(greedy, target[idx, n_acc], draw(residual(p[idx, n_acc], q[idx, n_acc]), u[:, k]))
+            n_sampled, nxt_sampled, _ = accept_sampled(p, self.q[rows], drafts, u[:, :k], u[:, k].double())
+            n_acc = torch.where(greedy, leading_true(ok), n_sampled)
+            nxt = torch.where(greedy, target[idx, n_acc], nxt_sampled)
         tokens = torch.cat([drafts, nxt[:, None]], dim=1)
         tokens[idx, n_acc] = nxt  # (n, k + 1): the accepted drafts, then nxt
         self._draft(h, pos, n_acc, u[:, k + 1 :], rows)
