@@ -92,7 +92,8 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: to
     uniforms u (batch, j) float32 for the tests and u_next (batch,) float64 for the next token. Returns the
     accepted counts (batch,), the next tokens (batch,), drawn from the residual at the first rejection or
     from p after all j, and the step's tokens (batch, j + 1): the accepted drafts, the next token, then
-    the rest of the drafts (and a zero). In one kernel call where `kernels.sampling_runs` (~0.2 ms of ATen calls less a step here)."""
+    the rest of the drafts (and a zero). In one kernel call where `kernels.sampling_runs` (~0.2 ms of
+    ATen calls less a step here), the same ids."""
     if kernels.sampling_runs(p):
         return torch.ops.multitoken.accept_sampled.default(p, q, drafts, u, u_next)
     j = drafts.shape[1]

@@ -559,7 +559,7 @@ class DecodeSteps:
         pos = self._positions(start, tokens.shape[0], tokens.shape[1], span)  # once for the step and the drafts
         h = m.forward_trunk(tokens, pos)
         heads = m.heads[: k + 1]
-        if self.group_heads and tokens.shape[0] * tokens.shape[1] <= ALL_HEADS_MAX_ROWS and grouped_heads.usable(heads, h):
+        if self.group_heads and tokens.numel() <= ALL_HEADS_MAX_ROWS and grouped_heads.usable(heads, h):
             # Every head at every token, then the drafts at the accepted token: one call for the heads
             # and one pass over the unembedding, where drafting after acceptance makes two. Each token's
             # output is what the head computes for it alone (the kernels' rows are independent). The

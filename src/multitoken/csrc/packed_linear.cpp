@@ -933,8 +933,8 @@ at::Tensor block(const at::Tensor& x, at::TensorList packed, at::IntArrayRef out
 // G heads' blocks on the same trunk output h (batch, seq, dim), bf16, as multitoken.grouped_heads
 // computes them with the kernels above: every head's keys and values cached for every token, its whole
 // forward at tokens index[b, i] of each row b alone (index (batch, n), or (batch,) for n = 1); out
-// (G, batch, n, dim). The same operations in the same
-// order as there, called here instead of ~40 calls from Python, so the same numbers bit for bit.
+// (G, batch, n, dim). The same operations in the same order as there, called here instead of ~40 calls
+// from Python, so the same numbers bit for bit.
 // Per head g: packed[4 g .. 4 g + 4) its fused q/k/v, output, fused gate/up and down products, norms[2 g],
 // norms[2 g + 1] its two norms' weights, caches[2 g], caches[2 g + 1] its key and value caches. Positions
 // as `block` takes them, per row (slots (batch, seq), mask (batch, 1, seq, end)).

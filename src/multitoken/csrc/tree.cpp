@@ -1,8 +1,8 @@
 // A draft tree's bookkeeping between two forwards (multitoken/tree.py; multitoken/kernels.py: `tree_ops`),
 // each as one call: choosing the tree from the heads' logits or candidates (`greedy_tree`, `best_tree`),
 // its positions and attention mask (`tree_positions`; `row_positions` for a chain's), the greedy
-// acceptance (`accept_greedy`; `accept_chain` for a chain's) and moving the accepted path's cached keys and values into place
-// (`move_cache_entries`). In ATen these are 10-60 operator calls each on tensors of a few dozen numbers:
+// acceptance (`accept_greedy`; `accept_chain` for a chain's) and moving the accepted path's cached keys
+// and values into place (`move_cache_entries`). In ATen these are 10-60 operator calls each on tensors of a few dozen numbers:
 // ~0.5 ms of a tree step on a 2-core CPU, where the chain's bookkeeping is a few calls. Each gives what
 // tree.py's ATen version gives (tests/test_kernels.py compares them).
 #include <ATen/core/Tensor.h>
