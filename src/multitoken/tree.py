@@ -328,7 +328,15 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
     walking = torch.ones(bsz, dtype=torch.bool, device=p.device)
     dist = torch.empty_like(p[:, 0])
     path = [node]
-    for d in range(int(tree.depth.max())):
+    # On a CPU the loops stop once no row has a candidate left to try (the rest would change nothing:
+    # a batch of one mostly accepts its first or second candidate of each depth); on a GPU reading that
+    # would make the host wait for the device every candidate.
+    on_cpu = p.device.type == "cpu"
+    depth = int(tree.depth.max())
+    for d in range(depth):
+        if on_cpu and not bool(walking.any()):
+            path += [node] * (depth - d)  # every row has stopped: its node to the end
+            break
         p_cur, q_cur = p[rows, node], q[:, d]
         nxt = node
         for r in range(child.shape[-1]):
@@ -337,6 +345,10 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
             px, qx = p_cur[rows, x], q_cur[rows, x]
             # A candidate with q(x) = 0 is no draw: q's support ran out before the ranks did.
             tried = walking & (nxt == node) & (c >= 0) & (qx > 0)
+            if on_cpu and not bool(tried.any()):
+                if not bool((walking & (nxt == node) & (c >= 0)).any()):
+                    break  # every row accepted a candidate or has none left (candidates come best first)
+                continue
             ok = tried & accept_drafts(px, qx, torch.rand(bsz, device=p.device))
             rejected = (tried & ~ok)[:, None]
             p_cur = torch.where(rejected, residual(p_cur, q_cur), p_cur)
