@@ -495,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "as are expected to decode fastest, from running acceptance rates and measured step times")
     p.add_argument("--tree", type=_tree_arg, metavar="N|PATHS",
                    help="tree drafting: verify a tree of candidates per step, a node budget N (dynamic: the most "
-                        "probable paths under the heads) or rank paths as JSON, e.g. '[[0],[1],[0,0]]' (static)")
+                        "probable paths under the heads) or rank paths as JSON, e.g. '[[0],[1],[0,0]]' (static); "
+                        "more tokens per forward than the chain, but on a CPU with the shipped model the chain "
+                        "decodes faster (docs/benchmarks.md; `multitoken bench --tree N` measures both)")
     p.set_defaults(func=generate)
 
     p = sub.add_parser("init", help=init.__doc__, description=init.__doc__)
