@@ -343,10 +343,11 @@ def accept_sampled(tree: Tree, p: torch.Tensor, q: torch.Tensor, n_ranks: int
             c = child[rows, node, r]
             x = tree.tokens[rows, c.clamp_min(0)]
             px, qx = p_cur[rows, x], q_cur[rows, x]
+            waiting = walking & (nxt == node) & (c >= 0)  # rows with this candidate still to try
             # A candidate with q(x) = 0 is no draw: q's support ran out before the ranks did.
-            tried = walking & (nxt == node) & (c >= 0) & (qx > 0)
+            tried = waiting & (qx > 0)
             if on_cpu and not bool(tried.any()):
-                if not bool((walking & (nxt == node) & (c >= 0)).any()):
+                if not bool(waiting.any()):
                     break  # every row accepted a candidate or has none left (candidates come best first)
                 continue
             ok = tried & accept_drafts(px, qx, torch.rand(bsz, device=p.device))
